@@ -1,0 +1,1 @@
+"""The embedded world: procedural captioned images, the small CLIP recipe, few-shot tasks."""

@@ -1,0 +1,152 @@
+"""Open Inference Protocol (KServe V2) messages, plus what bptvlm publishes in them.
+
+An inference request in JSON form::
+
+    {"id": "gen-3",
+     "inputs": [{"name": "text_context", "shape": [30, 8, 128], "datatype": "FP32", "data": [...]},
+                {"name": "image_batch", "shape": [1], "datatype": "BYTES", "data": ["sha256:..."]},
+                {"name": "labels", "shape": [160], "datatype": "INT64", "data": [...]},
+                {"name": "class_names", "shape": [10], "datatype": "BYTES", "data": ["zero.", ...]}],
+     "outputs": [{"name": "loss"}]}
+
+With the binary tensor data extension an input carries ``"parameters": {"binary_data_size": n}``
+instead of ``data`` and its bytes follow the JSON header in the body (``shared.tensors``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = "1"
+"""bptvlm's own protocol revision, published in server metadata and checked by the client."""
+
+DEFAULT_MODEL_NAME = "clip"
+
+# Names of the tensors: the contract between client and server.
+TEXT_CONTEXT = "text_context"  # FP32/FP16 [P, n_ctx_text, D_text]
+VISUAL_PROMPT = "visual_prompt"  # FP32/FP16 [P, n_ctx_vision, D_vision]
+IMAGES = "images"  # UINT8 [N, H, W, 3], inline
+IMAGE_BATCH = "image_batch"  # BYTES [1], id of an uploaded batch
+LABELS = "labels"  # INT64 [N]
+CLASS_NAMES = "class_names"  # BYTES [C]
+LOSS = "loss"  # FP32 [P]
+LOGITS = "logits"  # FP32 [P, N, C]
+
+INPUT_NAMES = (TEXT_CONTEXT, VISUAL_PROMPT, IMAGES, IMAGE_BATCH, LABELS, CLASS_NAMES)
+OUTPUT_NAMES = (LOSS, LOGITS)
+
+# Request parameters the server understands.
+PARAM_LOSS = "loss"  # "ce" (default) or "focal"
+PARAM_FOCAL_GAMMA = "focal_gamma"  # float, default 2.0
+PARAM_VISUAL_PROMPT_POSITION = "visual_prompt_position"  # "pre_ln" (paper) or "post_ln" (ours)
+# Text whose token embeddings the server adds to text_context (zero-padded to n_ctx), so that a
+# context of zeros reproduces the hand-written template without the client ever seeing an embedding.
+PARAM_CONTEXT_INIT = "context_init"
+
+Parameters = dict[str, Any]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorData(_Message):
+    """One named tensor: ``{"name", "shape", "datatype", "parameters"?, "data"?}``."""
+
+    name: str = Field(min_length=1, max_length=128)
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class RequestedOutput(_Message):
+    """``{"name": "logits", "parameters": {"binary_data": true}}``."""
+
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferenceRequest(_Message):
+    id: str | None = Field(default=None, max_length=256)
+    parameters: Parameters | None = None
+    inputs: list[TensorData]
+    outputs: list[RequestedOutput] | None = None
+
+
+class InferenceResponse(_Message):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[TensorData]
+
+
+class MetadataTensor(_Message):
+    """Shape with ``-1`` for a free dimension."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(_Message):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class PromptLimits(_Message):
+    """What a client needs to build prompts for the served model (published on purpose).
+
+    The statistics are the ones the paper's projection initialisation uses; publishing them leaks
+    nothing a client could not estimate from the logits, and it makes the method reproducible.
+    """
+
+    text_width: int = Field(description="D_text: width of a text context vector")
+    vision_width: int = Field(description="D_vision: width of a visual prompt token")
+    max_text_context: int = Field(description="most context vectors that still leave room for a class name")
+    max_visual_prompt: int = Field(description="most visual prompt tokens accepted")
+    context_length: int = Field(description="text positions of the model (context + class name + 2)")
+    image_size: int
+    patch_size: int
+    num_channels: int
+    projection_dim: int
+    token_embedding_std: float = Field(description="std of the token-embedding table (text init)")
+    patch_embedding_mean: float = Field(description="mean of the patch-embedding conv weights")
+    patch_embedding_std: float = Field(description="std of the patch-embedding conv weights")
+    patch_token_std: float = Field(
+        description="std of the vision tokens after the pre-layer-norm (scale of post_ln prompts)"
+    )
+
+
+class ModelMetadata(_Message):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: Parameters = Field(default_factory=dict)
+
+
+class Usage(_Message):
+    """Queries charged, in the units the user pays for (one candidate = one query)."""
+
+    candidates: int = 0
+    requests: int = 0
+    image_forwards: int = 0
+
+
+class ImageUploadResponse(_Message):
+    image_batch: str = Field(description="content-hash id to pass as the image_batch input")
+    num_images: int
+    cached: bool = Field(description="the batch was already stored (upload is idempotent)")
+
+
+class ErrorResponse(_Message):
+    error: str
+
+
+Placement = Literal["pre_ln", "post_ln"]
