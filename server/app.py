@@ -1,0 +1,91 @@
+"""``create_app(settings)``: assembles the FastAPI service; the model loads in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bptvlm.shared.errors import BptvlmError, NotReadyError, RateLimitedError
+
+from .config import Settings
+from .loading import load_model
+from .model import PromptedCLIP
+from .routes import router
+from .service import InferenceService
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_service(settings: Settings) -> InferenceService:
+    """Load the model, check one tiny forward pass, and wrap it in the service layer."""
+    device = resolve_device(settings.device)
+    dtype = _DTYPES[settings.dtype]
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"dtype {settings.dtype} is for GPUs; use float32 on CPU")
+    loaded = load_model(settings.model, seed=settings.seed)
+    model = PromptedCLIP(loaded, device=device, dtype=dtype, max_batch_images=settings.max_batch_images)
+    size = model.limits.image_size
+    probe = model.encode_images(model.preprocess(np.zeros((1, size, size, 3), np.uint8)))
+    model.logits(probe, model.encode_text(model.tokenize(["a probe."])))
+    log.info("serving %s on %s (%s): %s", loaded.model_id, device, settings.dtype, model.limits)
+    return InferenceService(model, settings)
+
+
+def _error_response(exc: BptvlmError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, (RateLimitedError, NotReadyError)):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+
+
+def create_app(settings: Settings | None = None, service: InferenceService | None = None) -> FastAPI:
+    """The app. ``service`` injects an already-built service (tests); else the lifespan builds one."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.service is None:
+            app.state.service = build_service(settings)
+        yield
+
+    app = FastAPI(
+        title="bptvlm",
+        summary="A frozen CLIP behind the Open Inference Protocol (KServe V2): prompts in, logits and loss out.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.include_router(router)
+
+    @app.exception_handler(BptvlmError)
+    async def _bptvlm_error(request: Request, exc: BptvlmError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse({"error": f"invalid request at {where}: {first.get('msg', 'invalid')}"}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    return app

@@ -1,0 +1,231 @@
+"""The frozen CLIP with prompts, population-batched. Knows torch and transformers, nothing of HTTP.
+
+Prompts enter through the public submodules of ``transformers.CLIPModel``; no model code is copied.
+
+Text: for every class text ``t_c`` the sequence is ``[BOS] ctx_1 .. ctx_n tokens(t_c) [EOS]``, where the
+context vectors replace the token embeddings of ``n`` placeholder slots (CoOp's unified context). The
+encoder runs causally and pools at EOS. Sequences are padded only to the longest in the batch (exact
+under the causal mask: nothing before EOS attends to what follows it).
+
+Vision: ``m`` prompt tokens are appended to ``[CLS, patches]`` after the position embeddings, before
+the pre-layer-norm (``pre_ln``, the paper's placement), or after it (``post_ln``, ours: the prompt then
+keeps the scale the client gave it instead of being normalised to full strength). Pooling at CLS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import create_causal_mask
+
+from bptvlm.shared.protocol import Placement, PromptLimits
+
+from .loading import LoadedModel
+
+MAX_VISUAL_PROMPT = 64
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """Class texts ready for the text tower: token ids without BOS/EOS, one list per class."""
+
+    token_ids: tuple[tuple[int, ...], ...]
+
+
+def _chunks(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, max(1, size)):
+        yield slice(start, min(total, start + max(1, size)))
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+class PromptedCLIP:
+    """A frozen ``CLIPModel`` that scores prompt populations.
+
+    Shapes: ``P`` candidates, ``N`` images, ``C`` classes, ``E`` projection width.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_images: int = 4096,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = loaded.model.eval().requires_grad_(False).to(self.device, dtype)
+        self.tokenizer = loaded.tokenizer
+        self.image_processor = loaded.image_processor
+        self.model_id = loaded.model_id
+        self.max_batch_images = max_batch_images
+        self._text = self.model.text_model
+        self._vision = self.model.vision_model
+        self.limits = self._compute_limits()
+
+    # --- metadata --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _compute_limits(self) -> PromptLimits:
+        tcfg, vcfg = self.model.config.text_config, self.model.config.vision_config
+        patch = self._vision.embeddings.patch_embedding.weight.float()
+        # Scale of the vision tokens after the pre-layer-norm, on fixed-seed normalised pixels.
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(4, vcfg.num_channels, vcfg.image_size, vcfg.image_size, generator=gen)
+        tokens = self._vision.pre_layrnorm(self._vision.embeddings(pixels.to(self.device, self.dtype)))
+        return PromptLimits(
+            text_width=tcfg.hidden_size,
+            vision_width=vcfg.hidden_size,
+            max_text_context=tcfg.max_position_embeddings - 3,
+            max_visual_prompt=MAX_VISUAL_PROMPT,
+            context_length=tcfg.max_position_embeddings,
+            image_size=vcfg.image_size,
+            patch_size=vcfg.patch_size,
+            num_channels=vcfg.num_channels,
+            projection_dim=self.model.config.projection_dim,
+            token_embedding_std=float(self._text.embeddings.token_embedding.weight.float().std()),
+            patch_embedding_mean=float(patch.mean()),
+            patch_embedding_std=float(patch.std()),
+            patch_token_std=float(tokens[:, 1:].float().std()),
+        )
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` -> normalised pixel values ``[N, 3, S, S]`` (float32, CPU)."""
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        return out["pixel_values"].float()
+
+    def tokenize(self, texts: list[str]) -> TextBatch:
+        """Token ids of each class text, without special tokens."""
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return TextBatch(tuple(tuple(x) for x in ids))
+
+    def context_init(self, text: str, n_ctx: int) -> torch.Tensor:
+        """Token embeddings of ``text``, zero-padded to ``[n_ctx, D_text]``."""
+        ids = self.tokenize([text]).token_ids[0]
+        if len(ids) > n_ctx:
+            raise ValueError(f"context_init {text!r} has {len(ids)} tokens, more than the {n_ctx} context vectors")
+        out = torch.zeros(n_ctx, self.limits.text_width, device=self.device, dtype=self.dtype)
+        if ids:
+            out[: len(ids)] = self._text.embeddings.token_embedding(torch.tensor(ids, device=self.device))
+        return out
+
+    # --- towers ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, batch: TextBatch, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised text features ``[P, C, E]`` (``P = 1`` without context).
+
+        ``context``: ``[P, n_ctx, D_text]``, placed after BOS, before each class text.
+        """
+        n_ctx = 0 if context is None else context.shape[1]
+        ids, eos_at = self._assemble_ids(batch, n_ctx)  # [C, L], [C]
+        embeds = self._text.embeddings.token_embedding(ids)  # [C, L, D]
+        if context is None:
+            return self._text_tower(embeds, eos_at).unsqueeze(0)
+        per_chunk = max(1, self.max_batch_images // max(1, len(batch.token_ids)))
+        feats = []
+        for sl in _chunks(context.shape[0], per_chunk):
+            ctx = context[sl].to(self.device, self.dtype)  # [p, n, D]
+            x = embeds.unsqueeze(0).repeat(ctx.shape[0], 1, 1, 1)  # [p, C, L, D]
+            x[:, :, 1 : 1 + n_ctx] = ctx.unsqueeze(1)
+            p, c, seq, d = x.shape
+            feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p)).reshape(p, c, -1))
+        return torch.cat(feats)
+
+    def _assemble_ids(self, batch: TextBatch, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = [[tok.bos_token_id] + [pad] * n_ctx + list(t) + [tok.eos_token_id] for t in batch.token_ids]
+        seq = max(len(r) for r in rows)
+        if seq > self.limits.context_length:
+            longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+            raise ValueError(
+                f"class text {longest} needs {seq} positions with {n_ctx} context vectors; "
+                f"the model has {self.limits.context_length}"
+            )
+        ids = torch.tensor([r + [pad] * (seq - len(r)) for r in rows], device=self.device)
+        eos_at = torch.tensor([len(r) - 1 for r in rows], device=self.device)
+        return ids, eos_at
+
+    def _text_tower(self, embeds: torch.Tensor, eos_at: torch.Tensor) -> torch.Tensor:
+        """``embeds [B, L, D]`` (token embeddings, no positions) -> normalised features ``[B, E]``."""
+        seq = embeds.shape[1]
+        positions = self._text.embeddings.position_ids[:, :seq]
+        x = embeds + self._text.embeddings.position_embedding(positions)
+        mask = create_causal_mask(config=self._text.config, inputs_embeds=x, attention_mask=None, cache=None)
+        hidden = self._text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
+        pooled = self._text.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=self.device), eos_at])
+        return _normalize(self.model.text_projection(pooled).float())
+
+    @torch.inference_mode()
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        placement: Placement = "pre_ln",
+    ) -> torch.Tensor:
+        """Normalised image features ``[P, N, E]`` (``P = 1`` without prompt).
+
+        ``pixel_values``: ``[N, 3, S, S]``; ``prompt``: ``[P, m, D_vision]``.
+        """
+        n = pixel_values.shape[0]
+        if prompt is None:
+            feats = [self._vision_tower(self._vision_tokens(pixel_values[sl])) for sl in _chunks(n, self.max_batch_images)]
+            return torch.cat(feats).unsqueeze(0)
+        rows = []
+        per_chunk = max(1, self.max_batch_images // n)
+        for img_sl in _chunks(n, self.max_batch_images):
+            tokens = self._vision_tokens(pixel_values[img_sl])  # [n', T, Dv], positions added
+            if placement == "post_ln":
+                tokens = self._vision.pre_layrnorm(tokens)
+            part = []
+            for sl in _chunks(prompt.shape[0], per_chunk):
+                pr = prompt[sl].to(self.device, self.dtype)  # [p, m, Dv]
+                p, nn_ = pr.shape[0], tokens.shape[0]
+                x = torch.cat(
+                    [tokens.unsqueeze(0).expand(p, -1, -1, -1), pr.unsqueeze(1).expand(-1, nn_, -1, -1)], dim=2
+                ).reshape(p * nn_, -1, tokens.shape[-1])  # [p * n', T + m, Dv]
+                if placement == "pre_ln":
+                    x = self._vision.pre_layrnorm(x)
+                part.append(self._vision_tower(x, normed=True).reshape(p, nn_, -1))
+            rows.append(torch.cat(part))
+        return torch.cat(rows, dim=1)
+
+    def _vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._vision.embeddings(pixel_values.to(self.device, self.dtype))  # [N, 1 + patches, Dv]
+
+    def _vision_tower(self, tokens: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        """Tokens ``[B, T, Dv]`` -> normalised features ``[B, E]``; ``normed``: pre-LN already applied."""
+        x = tokens if normed else self._vision.pre_layrnorm(tokens)
+        hidden = self._vision.encoder(inputs_embeds=x).last_hidden_state
+        pooled = self._vision.post_layernorm(hidden[:, 0])
+        return _normalize(self.model.visual_projection(pooled).float())
+
+    # --- scores ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """``[Pi, N, E]`` x ``[Pt, C, E]`` -> ``[P, N, C]`` (``Pi`` or ``Pt`` may be 1 and broadcast)."""
+        scale = self.model.logit_scale.float().exp()
+        return scale * torch.matmul(image_feats, text_feats.transpose(-1, -2))
+
+
+def loss_per_candidate(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce", gamma: float = 2.0) -> torch.Tensor:
+    """Mean cross-entropy (or focal loss) over the images: ``[P, N, C]``, ``[N]`` -> ``[P]``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)  # [P, N]
+    if kind == "focal":
+        picked = (1 - picked.exp()).pow(gamma) * picked
+    elif kind != "ce":
+        raise ValueError(f"loss must be 'ce' or 'focal', got {kind!r}")
+    return -picked.mean(dim=1)
+

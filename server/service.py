@@ -1,0 +1,259 @@
+"""The service layer: validates a decoded request, meters it, runs the prompted model.
+
+Knows neither HTTP nor the wire encoding: it takes numpy arrays by tensor name and returns numpy
+arrays by output name. Every rejection is an ``InvalidTensorError`` (422) or another
+``shared.errors`` class whose message names the tensor, what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bptvlm.shared import protocol as p
+from bptvlm.shared.errors import InvalidTensorError, PayloadTooLargeError, ProtocolError
+from bptvlm.shared.tensors import datatype_of
+
+from .config import Settings
+from .images import ImageBatch, ImageStore
+from .metering import UsageMeter
+from .model import PromptedCLIP, loss_per_candidate
+
+# Accepted datatypes and ranks of every input.
+_INPUT_TYPES: dict[str, tuple[tuple[str, ...], int]] = {
+    p.TEXT_CONTEXT: (("FP32", "FP16"), 3),
+    p.VISUAL_PROMPT: (("FP32", "FP16"), 3),
+    p.IMAGES: (("UINT8",), 4),
+    p.IMAGE_BATCH: (("BYTES",), 1),
+    p.LABELS: (("INT64", "INT32"), 1),
+    p.CLASS_NAMES: (("BYTES",), 1),
+}
+
+
+@dataclass
+class InferenceResult:
+    outputs: dict[str, np.ndarray]
+    usage: p.Usage
+
+
+def _describe(array: np.ndarray) -> str:
+    return f"{datatype_of(array)} {list(array.shape)}"
+
+
+def _checked(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | None:
+    """The input ``name`` if present, after datatype and rank checks."""
+    array = arrays.get(name)
+    if array is None:
+        return None
+    datatypes, ndim = _INPUT_TYPES[name]
+    if datatype_of(array) not in datatypes or array.ndim != ndim:
+        raise InvalidTensorError(
+            f"input '{name}': expected {' or '.join(datatypes)} with {ndim} dimensions, received {_describe(array)}"
+        )
+    return array
+
+
+def _finite_prompt(arrays: dict[str, np.ndarray], name: str, width: int, max_len: int) -> np.ndarray | None:
+    array = _checked(arrays, name)
+    if array is None:
+        return None
+    pop, length, dim = array.shape
+    if pop < 1 or dim != width or length > max_len:
+        raise InvalidTensorError(
+            f"input '{name}': expected [P >= 1, n <= {max_len}, {width}], received {_describe(array)}"
+        )
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise InvalidTensorError(f"input '{name}': {bad} values are NaN or infinite")
+    return array
+
+
+def _texts(array: np.ndarray, name: str) -> list[str]:
+    out = []
+    for i, raw in enumerate(array.reshape(-1)):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidTensorError(f"input '{name}': element {i} is not valid UTF-8") from None
+        if not text.strip():
+            raise InvalidTensorError(f"input '{name}': element {i} is empty")
+        out.append(text)
+    return out
+
+
+class InferenceService:
+    """Validate, meter, forward. One model, forwards serialised by a lock (one device)."""
+
+    def __init__(self, model: PromptedCLIP, settings: Settings, meter: UsageMeter | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.limits = model.limits
+        self.images = ImageStore(settings.image_cache_bytes)
+        self.meter = meter or UsageMeter(settings.quota)
+        self._forward_lock = threading.Lock()
+
+    # --- uploads ---------------------------------------------------------------------------------
+
+    def upload(self, arrays: dict[str, np.ndarray]) -> p.ImageUploadResponse:
+        unknown = sorted(set(arrays) - {p.IMAGES})
+        if unknown or p.IMAGES not in arrays:
+            raise InvalidTensorError(f"an upload carries exactly one input '{p.IMAGES}'; received {sorted(arrays)}")
+        images = self._check_images(arrays[p.IMAGES])
+        batch, cached = self.images.put(images, self.model.preprocess)
+        return p.ImageUploadResponse(image_batch=batch.id, num_images=batch.num_images, cached=cached)
+
+    def _check_images(self, array: np.ndarray) -> np.ndarray:
+        array = _checked({p.IMAGES: array}, p.IMAGES)
+        assert array is not None
+        n, h, w, c = array.shape
+        if n < 1 or h < 1 or w < 1 or c != 3:
+            raise InvalidTensorError(f"input '{p.IMAGES}': expected UINT8 [N >= 1, H, W, 3], received {_describe(array)}")
+        if n > self.settings.max_images:
+            raise PayloadTooLargeError(f"input '{p.IMAGES}': {n} images, at most {self.settings.max_images} per batch")
+        return array
+
+    def _image_batch(self, arrays: dict[str, np.ndarray]) -> ImageBatch:
+        inline, ref = _checked(arrays, p.IMAGES), _checked(arrays, p.IMAGE_BATCH)
+        if (inline is None) == (ref is None):
+            raise InvalidTensorError(f"give exactly one of '{p.IMAGES}' (inline) or '{p.IMAGE_BATCH}' (uploaded id)")
+        if ref is not None:
+            if ref.shape != (1,):
+                raise InvalidTensorError(f"input '{p.IMAGE_BATCH}': expected BYTES [1], received {_describe(ref)}")
+            return self.images.get(_texts(ref, p.IMAGE_BATCH)[0])
+        assert inline is not None
+        batch, _ = self.images.put(self._check_images(inline), self.model.preprocess)
+        return batch
+
+    # --- inference -------------------------------------------------------------------------------
+
+    def infer(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: str) -> InferenceResult:
+        """Score every candidate of the request; charge ``key`` one query per candidate."""
+        unknown = sorted(set(arrays) - set(p.INPUT_NAMES))
+        if unknown:
+            raise InvalidTensorError(f"unknown input {unknown[0]!r}; inputs are {', '.join(p.INPUT_NAMES)}")
+        lim = self.limits
+        context = _finite_prompt(arrays, p.TEXT_CONTEXT, lim.text_width, lim.max_text_context)
+        prompt = _finite_prompt(arrays, p.VISUAL_PROMPT, lim.vision_width, lim.max_visual_prompt)
+        if context is not None and context.shape[1] < 1:
+            raise InvalidTensorError(f"input '{p.TEXT_CONTEXT}': needs at least one context vector, received {_describe(context)}")
+        pops = {a.shape[0] for a in (context, prompt) if a is not None}
+        if len(pops) > 1:
+            raise InvalidTensorError(
+                f"inputs '{p.TEXT_CONTEXT}' and '{p.VISUAL_PROMPT}' disagree on the population: {sorted(pops)}"
+            )
+        population = pops.pop() if pops else 1
+        if population > self.settings.max_population:
+            raise PayloadTooLargeError(f"population {population} is over the limit of {self.settings.max_population}")
+
+        names_arr = _checked(arrays, p.CLASS_NAMES)
+        if names_arr is None:
+            raise InvalidTensorError(f"input '{p.CLASS_NAMES}' (BYTES [C]) is required")
+        class_texts = _texts(names_arr, p.CLASS_NAMES)
+        if len(class_texts) > self.settings.max_classes:
+            raise PayloadTooLargeError(f"{len(class_texts)} classes, at most {self.settings.max_classes}")
+        batch = self._image_batch(arrays)
+        labels = self._labels(arrays, batch.num_images, len(class_texts))
+        wanted = self._outputs(request, labels is not None)
+        params = self._parameters(request.parameters or {}, context)
+
+        with self.meter.charge(key, population) as usage, self._forward_lock:
+            logits, usage.image_forwards = self._forward(batch, class_texts, context, prompt, params)
+            outputs: dict[str, np.ndarray] = {}
+            if p.LOSS in wanted:
+                assert labels is not None
+                loss = loss_per_candidate(logits, torch.from_numpy(labels.astype(np.int64)), params["loss"],
+                                          params["focal_gamma"])
+                outputs[p.LOSS] = loss.cpu().numpy().astype(np.float32)
+            if p.LOGITS in wanted:
+                outputs[p.LOGITS] = logits.float().cpu().numpy()
+        return InferenceResult(outputs, usage)
+
+    def _forward(
+        self,
+        batch: ImageBatch,
+        class_texts: list[str],
+        context: np.ndarray | None,
+        prompt: np.ndarray | None,
+        params: dict[str, Any],
+    ) -> tuple[torch.Tensor, int]:
+        """Logits ``[P, N, C]`` and the number of images that went through the vision tower."""
+        model = self.model
+        ctx = None
+        if context is not None:
+            ctx = torch.from_numpy(context.astype(np.float32)).to(model.device, model.dtype)
+            if params["context_init"]:
+                ctx = ctx + model.context_init(params["context_init"], ctx.shape[1])
+        try:
+            text = model.encode_text(model.tokenize(class_texts), ctx)
+        except ValueError as exc:
+            raise InvalidTensorError(f"input '{p.CLASS_NAMES}': {exc}") from None
+        if prompt is not None:
+            vp = torch.from_numpy(prompt.astype(np.float32))
+            image = model.encode_images(batch.pixel_values, vp, params["visual_prompt_position"])
+            forwards = image.shape[0] * batch.num_images
+        elif batch.features is not None:
+            image, forwards = batch.features, 0
+        else:
+            image, forwards = model.encode_images(batch.pixel_values), batch.num_images
+            self.images.remember_features(batch, image)
+        return model.logits(image, text), forwards
+
+    @staticmethod
+    def _labels(arrays: dict[str, np.ndarray], num_images: int, num_classes: int) -> np.ndarray | None:
+        labels = _checked(arrays, p.LABELS)
+        if labels is None:
+            return None
+        if labels.shape != (num_images,):
+            raise InvalidTensorError(f"input '{p.LABELS}': expected [{num_images}] (one per image), received {_describe(labels)}")
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidTensorError(
+                f"input '{p.LABELS}': label {int(labels[i])} at index {i} is not a class index in [0, {num_classes})"
+            )
+        return labels
+
+    @staticmethod
+    def _outputs(request: p.InferenceRequest, have_labels: bool) -> set[str]:
+        if not request.outputs:
+            return {p.LOSS} if have_labels else {p.LOGITS}
+        wanted = {o.name for o in request.outputs}
+        unknown = sorted(wanted - set(p.OUTPUT_NAMES))
+        if unknown:
+            raise InvalidTensorError(f"unknown output {unknown[0]!r}; outputs are {', '.join(p.OUTPUT_NAMES)}")
+        if p.LOSS in wanted and not have_labels:
+            raise InvalidTensorError(f"output '{p.LOSS}' needs the input '{p.LABELS}' (INT64 [N])")
+        return wanted
+
+    def _parameters(self, params: dict[str, Any], context: np.ndarray | None) -> dict[str, Any]:
+        known = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
+                 "binary_data_output"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ProtocolError(f"unknown request parameter {unknown[0]!r}; known are {', '.join(sorted(known))}")
+        loss = params.get(p.PARAM_LOSS, "ce")
+        if loss not in ("ce", "focal"):
+            raise ProtocolError(f"parameter '{p.PARAM_LOSS}' must be 'ce' or 'focal', received {loss!r}")
+        gamma = params.get(p.PARAM_FOCAL_GAMMA, 2.0)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 10:
+            raise ProtocolError(f"parameter '{p.PARAM_FOCAL_GAMMA}' must be a number in [0, 10], received {gamma!r}")
+        placement = params.get(p.PARAM_VISUAL_PROMPT_POSITION, "pre_ln")
+        if placement not in ("pre_ln", "post_ln"):
+            raise ProtocolError(
+                f"parameter '{p.PARAM_VISUAL_PROMPT_POSITION}' must be 'pre_ln' or 'post_ln', received {placement!r}"
+            )
+        init = params.get(p.PARAM_CONTEXT_INIT)
+        if init is not None:
+            if not isinstance(init, str) or context is None:
+                raise ProtocolError(f"parameter '{p.PARAM_CONTEXT_INIT}' must be a string and needs '{p.TEXT_CONTEXT}'")
+            n_tokens = len(self.model.tokenize([init]).token_ids[0])
+            if n_tokens > context.shape[1]:
+                raise ProtocolError(
+                    f"parameter '{p.PARAM_CONTEXT_INIT}' {init!r} has {n_tokens} tokens, "
+                    f"more than the {context.shape[1]} context vectors of '{p.TEXT_CONTEXT}'"
+                )
+        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init}
