@@ -1,0 +1,84 @@
+"""What a tuning run leaves on disk: ``prompts.safetensors``, ``summary.json``, ``progress.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+
+PROMPTS_FILE = "prompts.safetensors"
+SUMMARY_FILE = "summary.json"
+PROGRESS_FILE = "progress.jsonl"
+_META_KEY = "bptvlm"
+
+
+@dataclass
+class SavedPrompts:
+    """Tuned prompt tensors (a population of one) and how they were made.
+
+    tensors: ``text_context`` float32 [1, n_ctx_text, D_t] and/or ``visual_prompt`` float32
+             [1, n_ctx_vision, D_v]; ``z`` float32 [1, d] (the client-side search point).
+    meta:    model, template, context_init, class_names, class_texts, n_ctx, seed, loss, ...
+    """
+
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+    def prompts(self) -> dict[str, np.ndarray]:
+        """The tensors that go on the wire (everything but ``z``)."""
+        return {k: v for k, v in self.tensors.items() if k != "z"}
+
+
+def save_prompts(path: Path, saved: SavedPrompts) -> None:
+    """Write tensors with ``meta`` as JSON under the ``bptvlm`` key of the safetensors metadata."""
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in saved.tensors.items()}
+    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(saved.meta)})
+
+
+def load_prompts(path: str | Path) -> SavedPrompts:
+    """Read a file written by ``save_prompts``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+    if _META_KEY not in metadata:
+        raise ValueError(f"{path} was not written by bptvlm tune (no '{_META_KEY}' metadata)")
+    return SavedPrompts(tensors=load_file(str(path)), meta=json.loads(metadata[_META_KEY]))
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+class ProgressLog:
+    """Appends one JSON line per generation and flushes it, so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_clean(record)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

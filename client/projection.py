@@ -1,0 +1,136 @@
+"""Seeded random projections from the optimizer's intrinsic space to prompt tensors (client only).
+
+``z = [z_text (d_text), z_vision (d_vision)]`` maps linearly to
+``text_context = z_text @ A_text`` and ``visual_prompt = z_vision @ A_vision``, population first.
+The matrices are drawn once from the statistics the server publishes (``PromptLimits``) and never
+leave the client:
+
+- ``A_text ~ N(0, token_embedding_std / (sqrt(d_text) * sigma))`` (paper)
+- ``A_vision ~ N(patch_embedding_mean * K / d_vision, patch_embedding_std * sqrt(K / d_vision) * sigma)``
+  with ``K = num_channels * patch_size**2`` of the served model (the paper's 3072 is ViT-B/32's
+  3 x 32 x 32) when the visual prompt goes before the pre-layer-norm (``pre_ln``, the paper);
+- ``A_vision ~ N(0, patch_token_std / (sqrt(d_vision) * sigma))`` when it goes after it (``post_ln``),
+  scaled like the text so that sigma keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from bptvlm.shared.protocol import TEXT_CONTEXT, VISUAL_PROMPT, PromptLimits
+
+PLACEMENTS = ("pre_ln", "post_ln")
+
+
+class PromptProjection:
+    """Maps a population ``z`` float [P, dimension] to ``{"text_context", "visual_prompt"}``.
+
+    A modality with zero intrinsic dimensions or zero prompt tokens is disabled: it takes no part of
+    ``z`` and its key is absent from the output.
+    """
+
+    def __init__(
+        self,
+        limits: PromptLimits,
+        *,
+        n_ctx_text: int = 8,
+        n_ctx_vision: int = 5,
+        d_text: int = 500,
+        d_vision: int = 500,
+        sigma: float = 1.0,
+        seed: int = 0,
+        visual_prompt_position: str = "pre_ln",
+    ) -> None:
+        for name, value in (("n_ctx_text", n_ctx_text), ("n_ctx_vision", n_ctx_vision), ("d_text", d_text), ("d_vision", d_vision)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, received {value}")
+        if n_ctx_text > limits.max_text_context:
+            raise ValueError(f"n_ctx_text={n_ctx_text} exceeds the server's max_text_context={limits.max_text_context}")
+        if n_ctx_vision > limits.max_visual_prompt:
+            raise ValueError(f"n_ctx_vision={n_ctx_vision} exceeds the server's max_visual_prompt={limits.max_visual_prompt}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, received {sigma}")
+        if visual_prompt_position not in PLACEMENTS:
+            raise ValueError(f"visual_prompt_position must be one of {PLACEMENTS}, received {visual_prompt_position!r}")
+        self.limits = limits
+        self.sigma = float(sigma)
+        self.seed = int(seed)
+        self.visual_prompt_position = visual_prompt_position
+        self.n_ctx_text = n_ctx_text if d_text > 0 else 0
+        self.n_ctx_vision = n_ctx_vision if d_vision > 0 else 0
+        self.d_text = d_text if n_ctx_text > 0 else 0
+        self.d_vision = d_vision if n_ctx_vision > 0 else 0
+        # Independent streams per modality: disabling one never changes the other's matrix.
+        text_seq, vision_seq = np.random.SeedSequence(self.seed).spawn(2)
+        self.a_text = self._draw(text_seq, self.d_text, self.n_ctx_text * limits.text_width, 0.0, self._text_std())
+        mean, std = self._vision_stats()
+        self.a_vision = self._draw(vision_seq, self.d_vision, self.n_ctx_vision * limits.vision_width, mean, std)
+
+    @staticmethod
+    def _draw(seq: np.random.SeedSequence, rows: int, cols: int, mean: float, std: float) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(seq))
+        a = rng.standard_normal((rows, cols), dtype=np.float32)  # [d, n_ctx * width]
+        a *= np.float32(std)
+        a += np.float32(mean)
+        return a
+
+    def _text_std(self) -> float:
+        if self.d_text == 0:
+            return 0.0
+        return self.limits.token_embedding_std / (math.sqrt(self.d_text) * self.sigma)
+
+    def _vision_stats(self) -> tuple[float, float]:
+        """(mean, std) of ``A_vision`` for the configured placement."""
+        if self.d_vision == 0:
+            return 0.0, 0.0
+        lim = self.limits
+        if self.visual_prompt_position == "post_ln":
+            return 0.0, lim.patch_token_std / (math.sqrt(self.d_vision) * self.sigma)
+        k = lim.num_channels * lim.patch_size**2
+        return lim.patch_embedding_mean * k / self.d_vision, lim.patch_embedding_std * math.sqrt(k / self.d_vision) * self.sigma
+
+    @property
+    def dimension(self) -> int:
+        """Length of one ``z``: d_text + d_vision of the enabled modalities."""
+        return self.d_text + self.d_vision
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Names of the tensors ``__call__`` returns."""
+        names = []
+        if self.d_text:
+            names.append(TEXT_CONTEXT)
+        if self.d_vision:
+            names.append(VISUAL_PROMPT)
+        return tuple(names)
+
+    def __call__(self, z: np.ndarray) -> dict[str, np.ndarray]:
+        """z float [P, dimension] -> text_context float32 [P, n_ctx_text, D_t] and/or
+        visual_prompt float32 [P, n_ctx_vision, D_v]."""
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != self.dimension:
+            raise ValueError(f"z must be [P, {self.dimension}] (population first), received {list(z.shape)}")
+        pop = z.shape[0]
+        out: dict[str, np.ndarray] = {}
+        if self.d_text:
+            text = z[:, : self.d_text] @ self.a_text  # [P, n_ctx_text * D_t]
+            out[TEXT_CONTEXT] = text.reshape(pop, self.n_ctx_text, self.limits.text_width)
+        if self.d_vision:
+            vision = z[:, self.d_text :] @ self.a_vision  # [P, n_ctx_vision * D_v]
+            out[VISUAL_PROMPT] = vision.reshape(pop, self.n_ctx_vision, self.limits.vision_width)
+        return out
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this projection, given the same server statistics."""
+        return {
+            "n_ctx_text": self.n_ctx_text,
+            "n_ctx_vision": self.n_ctx_vision,
+            "d_text": self.d_text,
+            "d_vision": self.d_vision,
+            "sigma": self.sigma,
+            "seed": self.seed,
+            "visual_prompt_position": self.visual_prompt_position,
+        }

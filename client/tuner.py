@@ -1,0 +1,437 @@
+"""The black-box prompt-tuning loop: nevergrad ask/tell, one HTTP request per generation.
+
+    z [P, d] = [opt.ask() for _ in range(P)]  ->  PromptProjection  ->  ClipClient.infer  ->  loss [P]
+    -> opt.tell(candidate, loss) for each evaluated candidate
+
+Training queries (candidates evaluated for the optimizer) stop exactly at ``budget``: the last
+generation is truncated. Every other query (initial loss, the recommendation's loss, validation,
+zero-shot and tuned test accuracy) is an evaluation query, counted apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nevergrad as ng
+import numpy as np
+from tqdm import tqdm
+
+from bptvlm.shared.errors import BudgetExhaustedError, NotFoundError
+from bptvlm.shared.protocol import (
+    CLASS_NAMES,
+    IMAGE_BATCH,
+    LABELS,
+    LOGITS,
+    LOSS,
+    PARAM_CONTEXT_INIT,
+    PARAM_LOSS,
+    PARAM_VISUAL_PROMPT_POSITION,
+    PROTOCOL_VERSION,
+    TEXT_CONTEXT,
+    VISUAL_PROMPT,
+)
+
+from .api import ClipClient, InferResult
+from .artifacts import PROGRESS_FILE, PROMPTS_FILE, SUMMARY_FILE, ProgressLog, SavedPrompts, load_prompts, save_prompts, write_json
+from .data import TaskLike
+from .projection import PLACEMENTS, PromptProjection
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+LOSSES = ("ce", "focal")
+# variant -> (tune text, tune vision)
+VARIANTS: dict[str, tuple[bool, bool]] = {"joint": (True, True), "text": (True, False), "vision": (False, True)}
+
+
+def optimizer_class(name: str) -> Any:
+    """``ng.optimizers.registry[name]``, or a ``ValueError`` listing close names."""
+    registry = ng.optimizers.registry
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, list(registry), n=8, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; e.g. CMA, DiagonalCMA, TBPSA, OnePlusOne, NGOpt"
+    raise ValueError(f"unknown nevergrad optimizer {name!r}{hint}")
+
+
+@dataclass
+class TuneConfig:
+    """Everything that defines a tuning run besides the data and the server."""
+
+    optimizer: str = "CMA"
+    popsize: int = 30
+    budget: int = 600
+    seed: int = 0
+    d_text: int = 500
+    d_vision: int = 500
+    n_ctx_text: int = 8
+    n_ctx_vision: int = 5
+    sigma: float = 1.0
+    template: str | None = None  # None: the task's own template, else DEFAULT_TEMPLATE
+    loss: str = "ce"
+    visual_prompt_position: str = "pre_ln"
+    variant: str = "joint"
+
+    def __post_init__(self) -> None:
+        optimizer_class(self.optimizer)
+        if self.popsize < 1:
+            raise ValueError(f"popsize must be >= 1, received {self.popsize}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1 query, received {self.budget}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, received {self.variant!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, received {self.loss!r}")
+        if self.visual_prompt_position not in PLACEMENTS:
+            raise ValueError(f"visual_prompt_position must be one of {PLACEMENTS}, received {self.visual_prompt_position!r}")
+        if self.template is not None:
+            Template(self.template)
+        if self.dims() == (0, 0):
+            raise ValueError(f"variant {self.variant!r} with these dims/n_ctx leaves nothing to tune")
+
+    def dims(self) -> tuple[int, int]:
+        """Effective (d_text, d_vision) after the variant and zero n_ctx switch modalities off."""
+        text, vision = VARIANTS[self.variant]
+        d_text = self.d_text if text and self.n_ctx_text > 0 else 0
+        d_vision = self.d_vision if vision and self.n_ctx_vision > 0 else 0
+        return d_text, d_vision
+
+
+@dataclass(frozen=True)
+class Template:
+    """A hand-written prompt with one ``{}``: ``"a photo of a {}."``.
+
+    With a tuned text context the server gets ``prefix`` as ``context_init`` (its token embeddings
+    are added to the context, so z = 0 reproduces the template) and ``class_text(name)`` as the class
+    name: the template from ``{}`` on, e.g. ``"dog."``.
+    """
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.text.count("{}") != 1:
+            raise ValueError(f"template must contain exactly one '{{}}', received {self.text!r}")
+
+    @property
+    def prefix(self) -> str:
+        return self.text.split("{}", 1)[0].strip()
+
+    def class_text(self, name: str) -> str:
+        return name + self.text.split("{}", 1)[1]
+
+    def full(self, name: str) -> str:
+        return self.text.replace("{}", name)
+
+
+@dataclass
+class QueryCount:
+    """Candidates sent, by purpose (one candidate = one query, the paper's unit)."""
+
+    train: int = 0
+    eval: int = 0
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """logits [P, N, C], labels [N] -> accuracy [P]."""
+    return (logits.argmax(-1) == labels[None, :]).mean(-1)
+
+
+class RemoteTask:
+    """The task's labelled image sets on the server, queried with a population of prompts."""
+
+    def __init__(self, client: ClipClient, data: TaskLike, template: Template, config: TuneConfig) -> None:
+        self.client = client
+        self.template = template
+        self.config = config
+        self.class_names = list(data.class_names)
+        self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            "train": (data.train_images, np.asarray(data.train_labels, dtype=np.int64)),
+            "test": (data.test_images, np.asarray(data.test_labels, dtype=np.int64)),
+        }
+        if data.val_images is not None and data.val_labels is not None and len(data.val_labels):
+            self.splits["val"] = (data.val_images, np.asarray(data.val_labels, dtype=np.int64))
+        self.count = QueryCount()
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.splits[split][1]
+
+    def _inputs(self, split: str, prompts: dict[str, np.ndarray], *, force_upload: bool = False) -> dict[str, np.ndarray]:
+        images, labels = self.splits[split]
+        batch_id = self.client.upload_images(images, force=force_upload)
+        texts = [self.template.class_text(n) if TEXT_CONTEXT in prompts else self.template.full(n) for n in self.class_names]
+        return {
+            **prompts,
+            IMAGE_BATCH: np.array([batch_id.encode()], dtype=object),
+            LABELS: labels,
+            CLASS_NAMES: np.array([t.encode() for t in texts], dtype=object),
+        }
+
+    def _parameters(self, prompts: dict[str, np.ndarray]) -> dict[str, Any]:
+        params: dict[str, Any] = {PARAM_LOSS: self.config.loss}
+        if TEXT_CONTEXT in prompts and self.template.prefix:
+            params[PARAM_CONTEXT_INIT] = self.template.prefix
+        if VISUAL_PROMPT in prompts:
+            params[PARAM_VISUAL_PROMPT_POSITION] = self.config.visual_prompt_position
+        return params
+
+    def query(self, split: str, prompts: dict[str, np.ndarray], *, outputs: tuple[str, ...], purpose: str) -> InferResult:
+        """One request for a population (P = leading dim of the prompts; 1 without prompts)."""
+        pop = next(iter(prompts.values())).shape[0] if prompts else 1
+        params = self._parameters(prompts)
+        try:
+            result = self.client.infer(self._inputs(split, prompts), outputs=outputs, parameters=params)
+        except NotFoundError as exc:  # the server forgot the uploaded images (restart, eviction)
+            logger.warning("%s; uploading the %s images again", exc.message, split)
+            result = self.client.infer(self._inputs(split, prompts, force_upload=True), outputs=outputs, parameters=params)
+        setattr(self.count, purpose, getattr(self.count, purpose) + pop)
+        return result
+
+    def losses(self, split: str, prompts: dict[str, np.ndarray], purpose: str = "eval") -> np.ndarray:
+        """Loss float32 [P] on a split."""
+        loss = self.query(split, prompts, outputs=(LOSS,), purpose=purpose).loss
+        assert loss is not None
+        return loss
+
+    def accuracies(self, split: str, prompts: dict[str, np.ndarray]) -> np.ndarray:
+        """Accuracy [P] on a split (evaluation queries)."""
+        logits = self.query(split, prompts, outputs=(LOGITS,), purpose="eval").logits
+        assert logits is not None
+        return accuracy(logits, self.labels(split))
+
+
+def make_optimizer(config: TuneConfig, dimension: int) -> Any:
+    """The nevergrad optimizer over z in R^dimension, starting at 0, seeded."""
+    parametrization = ng.p.Array(init=np.zeros(dimension))
+    parametrization.random_state = np.random.RandomState(config.seed)
+    cls = optimizer_class(config.optimizer)
+    try:
+        return cls(parametrization=parametrization, budget=config.budget, num_workers=config.popsize)
+    except ValueError as exc:
+        raise ValueError(f"optimizer {config.optimizer} with popsize {config.popsize}: {exc}") from None
+
+
+@dataclass
+class _Search:
+    """Training-loop state."""
+
+    best_loss: float = float("inf")
+    best_z: np.ndarray | None = None
+    best_generation: int = -1
+    generations: int = 0
+    interrupted: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _finite(losses: np.ndarray) -> np.ndarray:
+    """Non-finite losses become a large finite value the optimizer can rank."""
+    losses = np.asarray(losses, dtype=np.float64)
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        logger.warning("%d candidates got a non-finite loss; treating them as very bad", int(bad.sum()))
+        worst = np.max(losses[~bad], initial=0.0)
+        losses = np.where(bad, max(1e6, 10 * abs(worst)), losses)
+    return losses
+
+
+def _train(task: RemoteTask, projection: PromptProjection, config: TuneConfig, log: ProgressLog, progress: bool) -> tuple[_Search, Any]:
+    opt = make_optimizer(config, projection.dimension)
+    search = _Search()
+    start = time.perf_counter()
+    bar = tqdm(total=config.budget, unit="query", desc="tuning", disable=not (progress and sys.stderr.isatty()))
+    try:
+        while task.count.train < config.budget:
+            n = min(config.popsize, config.budget - task.count.train)
+            candidates = [opt.ask() for _ in range(n)]
+            z = np.stack([c.value for c in candidates]).astype(np.float32)  # [n, d]
+            losses = _finite(task.losses("train", projection(z), purpose="train"))
+            for candidate, loss in zip(candidates, losses):
+                opt.tell(candidate, float(loss))
+            i = int(np.argmin(losses))
+            if losses[i] < search.best_loss:
+                search.best_loss, search.best_z, search.best_generation = float(losses[i]), z[i].copy(), search.generations
+            record = {
+                "generation": search.generations,
+                "queries": task.count.train,
+                "best_loss": search.best_loss,
+                "mean_loss": float(losses.mean()),
+                "min_loss": float(losses[i]),
+                "wall_s": round(time.perf_counter() - start, 4),
+            }
+            log.write(record)
+            search.generations += 1
+            bar.update(n)
+            bar.set_postfix(best=f"{search.best_loss:.4f}")
+            logger.debug("generation %(generation)d: %(queries)d queries, best %(best_loss).4f", record)
+    except KeyboardInterrupt:
+        search.interrupted = True
+        logger.warning("interrupted after %d training queries; evaluating what was found", task.count.train)
+    finally:
+        bar.close()
+    return search, opt
+
+
+def run_tuning(
+    client: ClipClient, data: TaskLike, config: TuneConfig, out_dir: str | Path, progress: bool = True
+) -> dict[str, Any]:
+    """Tune prompts for ``data`` through ``client``; write summary.json, progress.jsonl and
+    prompts.safetensors to ``out_dir``; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    usage_before = client.usage
+    metadata = client.model_metadata()
+    limits = client.prompt_limits(metadata)
+    model_id = str(metadata.parameters.get("model_id", metadata.name))
+    d_text, d_vision = config.dims()
+    template = Template(config.template or getattr(data, "template", None) or DEFAULT_TEMPLATE)
+    projection = PromptProjection(
+        limits,
+        n_ctx_text=config.n_ctx_text,
+        n_ctx_vision=config.n_ctx_vision,
+        d_text=d_text,
+        d_vision=d_vision,
+        sigma=config.sigma,
+        seed=config.seed,
+        visual_prompt_position=config.visual_prompt_position,
+    )
+    task = RemoteTask(client, data, template, config)
+    logger.info(
+        "tuning %s on %s: %d classes, %d train images, budget %d, %s popsize %d, z in R^%d",
+        config.variant, model_id, len(task.class_names), len(task.labels("train")),
+        config.budget, config.optimizer, config.popsize, projection.dimension,
+    )  # fmt: skip
+    zero = np.zeros((1, projection.dimension), dtype=np.float32)
+    initial_loss = float(task.losses("train", projection(zero))[0])
+    log = ProgressLog(out / PROGRESS_FILE)
+    try:
+        search, opt = _train(task, projection, config, log, progress)
+    except BudgetExhaustedError:
+        logger.error("the server's budget for this key is spent after %d training queries", task.count.train)
+        raise
+    finally:
+        log.close()
+    if search.best_z is None:  # interrupted before the first generation returned
+        search.best_z, search.best_loss = zero[0], initial_loss
+
+    result = _select_and_test(task, projection, search, opt)
+    meta = {
+        "model": model_id,
+        "model_name": metadata.name,
+        "template": template.text,
+        "context_init": template.prefix,
+        "class_names": task.class_names,
+        "class_texts": [template.class_text(n) for n in task.class_names],
+        "selected": result["selected"],
+        "protocol_version": PROTOCOL_VERSION,
+        **{k: v for k, v in asdict(config).items() if k != "template"},
+        **projection.config(),
+    }
+    chosen_z = result.pop("_z")
+    tensors = {name: t for name, t in projection(chosen_z[None, :]).items()}
+    save_prompts(out / PROMPTS_FILE, SavedPrompts(tensors={**tensors, "z": chosen_z[None, :]}, meta=meta))
+
+    server_usage = {k: v - getattr(usage_before, k) for k, v in client.usage.model_dump().items()}
+    summary = {
+        **asdict(config),
+        "template": template.text,
+        "context_init": template.prefix,
+        "d_text": d_text,
+        "d_vision": d_vision,
+        "model": model_id,
+        "model_name": metadata.name,
+        "model_versions": metadata.versions,
+        "endpoint": client.endpoint,
+        "class_names": task.class_names,
+        "num_train": len(task.labels("train")),
+        "num_val": len(task.labels("val")) if "val" in task.splits else 0,
+        "num_test": len(task.labels("test")),
+        "initial_train_loss": initial_loss,
+        "best_train_loss": search.best_loss,
+        "best_generation": search.best_generation,
+        "generations": search.generations,
+        "interrupted": search.interrupted,
+        **result,
+        "train_queries": task.count.train,
+        "eval_queries": task.count.eval,
+        "server_usage": server_usage,
+        "wall_s": round(time.perf_counter() - start, 3),
+    }
+    write_json(out / SUMMARY_FILE, summary)
+    logger.info(
+        "zero-shot %.4f -> tuned %.4f test accuracy; train loss %.4f -> %.4f in %d queries (+%d for evaluation)",
+        summary["zero_shot_accuracy"], summary["test_accuracy"], initial_loss, search.best_loss,
+        task.count.train, task.count.eval,
+    )  # fmt: skip
+    return summary
+
+
+def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Search, opt: Any) -> dict[str, Any]:
+    """Choose between the best candidate seen and the optimizer's recommendation (by validation
+    loss when there is a validation split, else by training loss); test both and zero-shot."""
+    assert search.best_z is not None
+    rec_z = np.asarray(opt.provide_recommendation().value, dtype=np.float32)
+    out: dict[str, Any] = {}
+    names = ["best"]
+    zs = [search.best_z]
+    train_losses = [search.best_loss]
+    if not np.array_equal(rec_z, search.best_z):
+        names.append("recommendation")
+        zs.append(rec_z)
+        train_losses.append(float(task.losses("train", projection(rec_z[None, :]))[0]))
+    out["recommendation_train_loss"] = train_losses[-1]
+    z = np.stack(zs)  # [1 or 2, d]
+    prompts = projection(z)
+    if "val" in task.splits:
+        scores = task.losses("val", prompts).astype(float).tolist()
+        out["selected_by"] = "val_loss"
+        out["val_loss_best"], out["val_loss_recommendation"] = scores[0], scores[-1]
+    else:
+        scores = train_losses
+        out["selected_by"] = "train_loss"
+    pick = int(np.argmin(scores))
+    acc = task.accuracies("test", prompts).astype(float).tolist()
+    out["test_accuracy_best"], out["test_accuracy_recommendation"] = acc[0], acc[-1]
+    out["selected"] = names[pick]
+    out["test_accuracy"] = acc[pick]
+    out["zero_shot_accuracy"] = float(task.accuracies("test", {})[0])
+    out["_z"] = zs[pick]
+    return out
+
+
+def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike) -> dict[str, Any]:
+    """Test accuracy of saved prompts on ``data`` (and zero-shot with the same template), via the API.
+
+    The text context is class-agnostic, so the data's class names may differ from the tuning run's.
+    """
+    saved = load_prompts(prompts_path)
+    meta = saved.meta
+    metadata = client.model_metadata()
+    model_id = str(metadata.parameters.get("model_id", metadata.name))
+    if meta.get("model") != model_id:
+        logger.warning("prompts were tuned on model %r, the server serves %r", meta.get("model"), model_id)
+    if list(meta.get("class_names", [])) != list(data.class_names):
+        logger.warning("class names differ from the tuning run's; applying the context to the new ones")
+    config = TuneConfig(
+        loss=meta.get("loss", "ce"),
+        visual_prompt_position=meta.get("visual_prompt_position", "pre_ln"),
+        template=meta["template"],
+        budget=1,
+    )
+    task = RemoteTask(client, data, Template(meta["template"]), config)
+    tuned = float(task.accuracies("test", saved.prompts())[0])
+    zero_shot = float(task.accuracies("test", {})[0])
+    return {
+        "prompts": str(prompts_path),
+        "model": model_id,
+        "template": meta["template"],
+        "num_test": len(task.labels("test")),
+        "test_accuracy": tuned,
+        "zero_shot_accuracy": zero_shot,
+        "eval_queries": task.count.eval,
+    }
