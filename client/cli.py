@@ -1,0 +1,205 @@
+"""``bptvlm tune`` and ``bptvlm eval``: the client side of the command line.
+
+The top-level ``bptvlm`` parser (``bptvlm.cli``) calls ``add_commands(subparsers)``; each command's
+``func(args) -> int`` is its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bptvlm.shared.errors import BptvlmError, BudgetExhaustedError
+from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
+
+from .api import ClipClient
+from .data import DataError, FewShotData, ImageFolderDataset, TaskLike
+from .projection import PLACEMENTS
+from .tuner import DEFAULT_TEMPLATE, LOSSES, VARIANTS, TuneConfig, evaluate_saved, run_tuning
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUDGET = 0, 1, 2, 3
+API_KEY_ENV = "BPTVLM_API_KEY"
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--endpoint", default="http://127.0.0.1:8000", help="base URL of the bptvlm server (default: %(default)s)")
+    group.add_argument(
+        "--api-key",
+        default=None,
+        help=f"bearer token for the server (default: the environment variable {API_KEY_ENV}; none for an open local server)",
+    )
+    group.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name in /v2/models/{name} (default: %(default)s)")
+    group.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the server to become ready (default: %(default)s)")
+
+
+def _add_data(parser: argparse.ArgumentParser, *, few_shot: bool) -> None:
+    group = parser.add_argument_group("data (one of --data or --task)")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--data",
+        metavar="DIR",
+        help="ImageFolder: DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* (split by --seed); "
+        "class name = folder name with '_' as space; images resized to the server's image size",
+    )
+    source.add_argument("--task", metavar="NAME", help="a built-in task of the embedded world (bptvlm.world.tasks)")
+    group.add_argument("--test-fraction", type=float, default=0.5, help="test share of a --data folder without train/test (default: %(default)s)")
+    if few_shot:
+        group.add_argument("--shots", type=int, default=16, help="training images per class (default: %(default)s)")
+        group.add_argument(
+            "--val-shots",
+            type=int,
+            default=0,
+            help="validation images per class for --data, taken from the training images left after --shots; "
+            "with a validation split the final prompt is chosen by validation loss (default: %(default)s)",
+        )
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``tune`` and ``eval`` on the top-level parser's subparsers."""
+    tune = subparsers.add_parser(
+        "tune",
+        help="tune prompts for a few-shot task through the API (black-box: only loss and logits come back)",
+        description="Black-box prompt tuning (BPT-VLM): a nevergrad optimizer searches a low-dimensional z, a seeded "
+        "random projection (kept on this side) maps it to text context vectors and visual prompt tokens, and the "
+        "server returns one loss per candidate; one request per generation. Writes summary.json, progress.jsonl "
+        "and prompts.safetensors to --out.",
+    )
+    _add_connection(tune)
+    _add_data(tune, few_shot=True)
+    opt = tune.add_argument_group("optimizer")
+    opt.add_argument("--optimizer", default="CMA", help="name in nevergrad's ng.optimizers.registry (e.g. CMA, DiagonalCMA, TBPSA) (default: %(default)s)")
+    opt.add_argument("--popsize", type=int, default=30, help="candidates per generation = per request (default: %(default)s)")
+    opt.add_argument("--budget", type=int, default=600, help="training queries (evaluated candidates); the last generation is truncated to hit it exactly (default: %(default)s)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of the few-shot sample, the projections and the optimizer (default: %(default)s)")
+    prompt = tune.add_argument_group("prompts")
+    prompt.add_argument("--variant", choices=sorted(VARIANTS), default="joint", help="which prompts to tune: text context, visual prompt, or both (default: %(default)s)")
+    prompt.add_argument("--intrinsic-dim-text", type=int, default=500, dest="d_text", help="dimensions of z for the text context (default: %(default)s)")
+    prompt.add_argument("--intrinsic-dim-vision", type=int, default=500, dest="d_vision", help="dimensions of z for the visual prompt (default: %(default)s)")
+    prompt.add_argument("--n-ctx-text", type=int, default=8, help="text context vectors (replace the template's leading words) (default: %(default)s)")
+    prompt.add_argument("--n-ctx-vision", type=int, default=5, help="visual prompt tokens (default: %(default)s)")
+    prompt.add_argument("--sigma", type=float, default=1.0, help="scale of the random projections (paper's sigma) (default: %(default)s)")
+    prompt.add_argument(
+        "--template",
+        default=None,
+        help=f"hand-written prompt with one '{{}}' for the class name; its words before '{{}}' initialise the text "
+        f"context (default: the task's template, else {DEFAULT_TEMPLATE!r})",
+    )
+    prompt.add_argument("--loss", choices=LOSSES, default="ce", help="training loss computed by the server (default: %(default)s)")
+    prompt.add_argument(
+        "--visual-prompt-position",
+        choices=PLACEMENTS,
+        default="pre_ln",
+        help="visual prompt tokens before the vision pre-layer-norm (pre_ln, the paper) or after it (post_ln) (default: %(default)s)",
+    )
+    out = tune.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json, progress.jsonl, prompts.safetensors")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
+    tune.set_defaults(func=cmd_tune)
+
+    ev = subparsers.add_parser(
+        "eval",
+        help="test accuracy of saved prompts (and zero-shot) through the API",
+        description="Apply prompts.safetensors from 'bptvlm tune' to a data set's test split through the API and "
+        "report tuned and zero-shot accuracy as JSON on stdout.",
+    )
+    _add_connection(ev)
+    _add_data(ev, few_shot=False)
+    ev.add_argument("--prompts", required=True, metavar="FILE", help="prompts.safetensors written by 'bptvlm tune'")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the train/test split of a --data folder without train/test")
+    ev.set_defaults(func=cmd_eval)
+
+
+def make_client(args: argparse.Namespace) -> ClipClient:
+    """The API client the commands use (tests replace this to bind it in-process)."""
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    return ClipClient(args.endpoint, api_key=api_key, model=args.model)
+
+
+def _load_data(args: argparse.Namespace, image_size: int, shots: int | None) -> TaskLike:
+    """Few-shot data for tuning; with ``shots=None`` (eval) only the test split of a --data folder."""
+    if args.task:
+        from bptvlm.world.tasks import load_task  # lazy: the world package is optional for the client
+
+        task: TaskLike = load_task(args.task, shots=shots or 16, seed=args.seed)
+        return task
+    dataset = ImageFolderDataset(args.data, image_size, seed=args.seed, test_fraction=args.test_fraction)
+    if shots is None:
+        test_images, test_labels = dataset.load("test")
+        empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+        return FewShotData(list(dataset.class_names), empty, np.zeros(0, np.int64), test_images, test_labels)
+    return dataset.few_shot(shots, seed=args.seed, n_val=getattr(args, "val_shots", 0))
+
+
+def _run(args: argparse.Namespace, body: Any) -> int:
+    """Shared error handling: a clear one-line message and an exit code instead of a traceback."""
+    try:
+        with make_client(args) as client:
+            client.wait_until_ready(args.wait)
+            return int(body(client))
+    except BudgetExhaustedError as exc:
+        logger.error("query budget exhausted: %s", exc)
+        return EXIT_BUDGET
+    except BptvlmError as exc:
+        logger.error("request failed (%d): %s", exc.status_code, exc)
+        return EXIT_FAILED
+    except httpx.HTTPError as exc:
+        logger.error("cannot reach %s: %s", args.endpoint, exc)
+        return EXIT_FAILED
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``bptvlm tune``: run_tuning and print the headline numbers."""
+
+    def body(client: ClipClient) -> int:
+        config = TuneConfig(
+            optimizer=args.optimizer,
+            popsize=args.popsize,
+            budget=args.budget,
+            seed=args.seed,
+            d_text=args.d_text,
+            d_vision=args.d_vision,
+            n_ctx_text=args.n_ctx_text,
+            n_ctx_vision=args.n_ctx_vision,
+            sigma=args.sigma,
+            template=args.template,
+            loss=args.loss,
+            visual_prompt_position=args.visual_prompt_position,
+            variant=args.variant,
+        )
+        limits = client.prompt_limits()
+        data = _load_data(args, limits.image_size, args.shots)
+        summary = run_tuning(client, data, config, args.out, progress=not args.no_progress)
+        keys = ("model", "optimizer", "budget", "train_queries", "eval_queries", "initial_train_loss",
+                "best_train_loss", "zero_shot_accuracy", "test_accuracy")  # fmt: skip
+        width = max(map(len, keys))
+        for key in keys:
+            value = summary[key]
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        print(f"{'written to':<{width}}  {args.out}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``bptvlm eval``: evaluate_saved, result as JSON on stdout."""
+
+    def body(client: ClipClient) -> int:
+        limits = client.prompt_limits()
+        data = _load_data(args, limits.image_size, shots=None)
+        print(json.dumps(evaluate_saved(client, args.prompts, data), indent=2))
+        return EXIT_OK
+
+    return _run(args, body)
