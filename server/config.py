@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         default=4096, gt=0, description="images through the vision tower at once (population x images per chunk)"
     )
     image_cache_bytes: int = Field(default=1 * 2**30, gt=0, description="byte cap of the uploaded-image LRU")
+    text_cache_bytes: int = Field(
+        default=64 * 2**20, gt=0, description="byte cap of the unprompted text-feature LRU (per class-name set)"
+    )
 
     @field_validator("device")
     @classmethod

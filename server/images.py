@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +10,8 @@ import numpy as np
 import torch
 
 from bptvlm.shared.errors import NotFoundError
+
+from .cache import ByteLRU
 
 
 def batch_id(images: np.ndarray) -> str:
@@ -21,9 +21,14 @@ def batch_id(images: np.ndarray) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
 @dataclass
 class ImageBatch:
-    """One stored batch. ``features`` caches the unprompted image features ``[1, N, E]``."""
+    """One stored batch. ``features`` caches the unprompted image features ``[1, N, E]``: they
+    cannot change without a visual prompt, so text-only tuning runs the vision tower once."""
 
     id: str
     pixel_values: torch.Tensor  # [N, 3, S, S]
@@ -35,53 +40,35 @@ class ImageBatch:
 
     @property
     def nbytes(self) -> int:
-        extra = 0 if self.features is None else self.features.numel() * self.features.element_size()
-        return self.pixel_values.numel() * self.pixel_values.element_size() + extra
+        return _nbytes(self.pixel_values) + _nbytes(self.features)
 
 
 class ImageStore:
-    """Thread-safe LRU of preprocessed batches, evicting the least recently used past ``capacity_bytes``."""
+    """Preprocessed batches by content hash; uploads are idempotent."""
 
     def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._items: OrderedDict[str, ImageBatch] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lru: ByteLRU[str, ImageBatch] = ByteLRU(capacity_bytes, lambda b: b.nbytes)
 
     def put(self, images: np.ndarray, preprocess: Callable[[np.ndarray], torch.Tensor]) -> tuple[ImageBatch, bool]:
         """Store ``images`` (uint8 ``[N, H, W, 3]``); return the batch and whether it was already there."""
         key = batch_id(images)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key], True
+        found = self._lru.get(key)
+        if found is not None:
+            return found, True
         batch = ImageBatch(key, preprocess(images))
-        with self._lock:
-            self._items[key] = batch
-            self._evict()
+        self._lru.put(key, batch)
         return batch, False
 
     def get(self, key: str) -> ImageBatch:
-        with self._lock:
-            if key not in self._items:
-                raise NotFoundError(
-                    f"image_batch {key!r} is not stored here (never uploaded, or evicted); upload it again"
-                )
-            self._items.move_to_end(key)
-            return self._items[key]
+        batch = self._lru.get(key)
+        if batch is None:
+            raise NotFoundError(f"image_batch {key!r} is not stored here (never uploaded, or evicted); upload it again")
+        return batch
 
     def remember_features(self, batch: ImageBatch, features: torch.Tensor) -> None:
-        with self._lock:
-            batch.features = features
-            self._evict()
+        batch.features = features
+        self._lru.trim()
 
     @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._items.values())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _evict(self) -> None:
-        # Keep the newest batch even if it alone is over the cap: it is about to be used.
-        while len(self._items) > 1 and self.nbytes > self.capacity_bytes:
-            self._items.popitem(last=False)
+    def lru(self) -> ByteLRU[str, ImageBatch]:
+        return self._lru

@@ -19,6 +19,7 @@ from bptvlm.shared.errors import InvalidTensorError, PayloadTooLargeError, Proto
 from bptvlm.shared.tensors import datatype_of
 
 from .config import Settings
+from .cache import ByteLRU
 from .images import ImageBatch, ImageStore
 from .metering import UsageMeter
 from .model import PromptedCLIP, loss_per_candidate
@@ -76,7 +77,7 @@ def _texts(array: np.ndarray, name: str) -> list[str]:
     out = []
     for i, raw in enumerate(array.reshape(-1)):
         try:
-            text = raw.decode("utf-8")
+            text = raw if isinstance(raw, str) else raw.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidTensorError(f"input '{name}': element {i} is not valid UTF-8") from None
         if not text.strip():
@@ -93,6 +94,10 @@ class InferenceService:
         self.settings = settings
         self.limits = model.limits
         self.images = ImageStore(settings.image_cache_bytes)
+        # Unprompted text features [1, C, E] per class-text set: vision-only tuning runs the text tower once.
+        self.text_features: ByteLRU[tuple[str, ...], torch.Tensor] = ByteLRU(
+            settings.text_cache_bytes, lambda t: t.numel() * t.element_size()
+        )
         self.meter = meter or UsageMeter(settings.quota)
         self._forward_lock = threading.Lock()
 
@@ -187,10 +192,14 @@ class InferenceService:
             ctx = torch.from_numpy(context.astype(np.float32)).to(model.device, model.dtype)
             if params["context_init"]:
                 ctx = ctx + model.context_init(params["context_init"], ctx.shape[1])
-        try:
-            text = model.encode_text(model.tokenize(class_texts), ctx)
-        except ValueError as exc:
-            raise InvalidTensorError(f"input '{p.CLASS_NAMES}': {exc}") from None
+        text = self.text_features.get(tuple(class_texts)) if ctx is None else None
+        if text is None:
+            try:
+                text = model.encode_text(model.tokenize(class_texts), ctx)
+            except ValueError as exc:
+                raise InvalidTensorError(f"input '{p.CLASS_NAMES}': {exc}") from None
+            if ctx is None:
+                self.text_features.put(tuple(class_texts), text)
         if prompt is not None:
             vp = torch.from_numpy(prompt.astype(np.float32))
             image = model.encode_images(batch.pixel_values, vp, params["visual_prompt_position"])
