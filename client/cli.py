@@ -141,6 +141,7 @@ def _load_data(args: argparse.Namespace, image_size: int, shots: int | None) -> 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
     """Shared error handling: a clear one-line message and an exit code instead of a traceback."""
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))  # one line per request is noise
     try:
         with make_client(args) as client:
             client.wait_until_ready(args.wait)
