@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bptvlm.world.cli import add_commands as add_world_commands
 
     add_world_commands(sub)
+    from bptvlm.perf import add_commands as add_perf_commands
+
+    add_perf_commands(sub)
     return parser
 
 

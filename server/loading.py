@@ -104,6 +104,27 @@ def tiny_random_clip(seed: int = 0) -> LoadedModel:
     return LoadedModel(model, tokenizer, processor, model_id=f"tiny-random(seed={seed})")
 
 
+def random_vit_b32(seed: int = 0) -> LoadedModel:
+    """Random weights in the real ViT-B/32 CLIP shape (224 px, widths 512/768, 12+12 layers, 77 tokens).
+
+    For measuring speed at the paper's model size where no checkpoint can be downloaded.
+    """
+    tokenizer = build_word_tokenizer([_TINY_CORPUS])
+    tokenizer.model_max_length = 77
+    config = CLIPConfig(
+        text_config=dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(image_size=224, patch_size=32),
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    processor = ImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    return LoadedModel(model, tokenizer, processor, model_id=f"random-vit-b32(seed={seed})")
+
+
 def load_pretrained(source: str | Path) -> LoadedModel:
     """A ``save_pretrained`` directory or a hub id (the hub only where it is reachable)."""
     source = str(source)
@@ -125,9 +146,11 @@ def _check_special_tokens(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, 
 
 
 def load_model(spec: str, *, seed: int = 0) -> LoadedModel:
-    """Resolve ``--model``: 'tiny-random', 'embedded', a local directory, or a hub id."""
+    """Resolve ``--model``: 'tiny-random', 'random-vit-b32', 'embedded', a local directory, or a hub id."""
     if spec == "tiny-random":
         return tiny_random_clip(seed)
+    if spec == "random-vit-b32":
+        return random_vit_b32(seed)
     if spec == "embedded":
         if not (EMBEDDED_DIR / "config.json").is_file():
             raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}; run `bptvlm model build`")

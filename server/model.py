@@ -121,13 +121,17 @@ class PromptedCLIP:
     # --- towers ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_text(self, batch: TextBatch, context: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(
+        self, batch: TextBatch, context: torch.Tensor | None = None, *, pad_to: int | None = None
+    ) -> torch.Tensor:
         """Normalised text features ``[P, C, E]`` (``P = 1`` without context).
 
-        ``context``: ``[P, n_ctx, D_text]``, placed after BOS, before each class text.
+        ``context``: ``[P, n_ctx, D_text]``, placed after BOS, before each class text. Sequences are
+        padded to the longest one; ``pad_to`` pads further (the reference implementation's full context
+        length: same result, more work; only benchmarks use it).
         """
         n_ctx = 0 if context is None else context.shape[1]
-        ids, eos_at = self._assemble_ids(batch, n_ctx)  # [C, L], [C]
+        ids, eos_at = self._assemble_ids(batch, n_ctx, pad_to)  # [C, L], [C]
         embeds = self._text.embeddings.token_embedding(ids)  # [C, L, D]
         if context is None:
             return self._text_tower(embeds, eos_at).unsqueeze(0)
@@ -141,11 +145,11 @@ class PromptedCLIP:
             feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p)).reshape(p, c, -1))
         return torch.cat(feats)
 
-    def _assemble_ids(self, batch: TextBatch, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _assemble_ids(self, batch: TextBatch, n_ctx: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         rows = [[tok.bos_token_id] + [pad] * n_ctx + list(t) + [tok.eos_token_id] for t in batch.token_ids]
-        seq = max(len(r) for r in rows)
+        seq = max(max(len(r) for r in rows), pad_to or 0)
         if seq > self.limits.context_length:
             longest = max(range(len(rows)), key=lambda i: len(rows[i]))
             raise ValueError(

@@ -86,6 +86,12 @@ def server_metadata() -> p.ServerMetadata:
     return p.ServerMetadata(name="bptvlm", version="0.1.0", extensions=["binary_tensor_data", "image_upload"])
 
 
+@router.get("/v2/usage", response_model=p.UsageReport)
+def usage(service: Annotated[InferenceService, Depends(get_service)], key: ApiKey) -> p.UsageReport:
+    """What the caller's key has been charged so far, and what remains of its quota."""
+    return p.UsageReport(usage=service.meter.usage(key), remaining=service.meter.remaining(key))
+
+
 @router.get("/v2/models/{model_name}", response_model=p.ModelMetadata)
 def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMetadata:
     """Inputs, outputs and the prompt limits and statistics a client needs."""

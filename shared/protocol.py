@@ -139,6 +139,13 @@ class Usage(_Message):
     image_forwards: int = 0
 
 
+class UsageReport(_Message):
+    """``GET /v2/usage``: the caller's totals; ``remaining`` is None without a quota."""
+
+    usage: Usage
+    remaining: int | None = None
+
+
 class ImageUploadResponse(_Message):
     image_batch: str = Field(description="content-hash id to pass as the image_batch input")
     num_images: int

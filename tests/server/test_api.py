@@ -191,6 +191,8 @@ def test_auth_unknown_model_and_budget() -> None:
         assert "needs 4 candidates, 2 of the key's 6 remain" in r.json()["error"]
         assert _post(c, _valid(2)).status_code == 200  # a refused request charged nothing
         assert _post(c, _valid(1)).status_code == 429
+        report = c.get("/v2/usage").json()
+        assert report == {"usage": {"candidates": 6, "requests": 2, "image_forwards": 6}, "remaining": 0}
 
 
 def test_unknown_image_batch_is_404(client: TestClient) -> None:

@@ -96,3 +96,11 @@ def test_published_statistics_match_the_weights(tiny_model: PromptedCLIP) -> Non
     assert lim.patch_embedding_mean == pytest.approx(float(conv.mean()), rel=1e-5, abs=1e-8)
     assert lim.patch_embedding_std == pytest.approx(float(conv.std()), rel=1e-6)
     assert (lim.image_size, lim.patch_size, lim.num_channels) == (32, 8, 3)
+
+
+def test_trimmed_text_equals_full_context_length(tiny_model: PromptedCLIP) -> None:
+    # Exact under the causal mask: padding after EOS changes nothing.
+    ctx = torch.randn(3, 4, tiny_model.limits.text_width) * 0.02
+    batch = tiny_model.tokenize(CLASSES)
+    full = tiny_model.encode_text(batch, ctx, pad_to=tiny_model.limits.context_length)
+    torch.testing.assert_close(tiny_model.encode_text(batch, ctx), full, atol=1e-5, rtol=0)

@@ -1,0 +1,203 @@
+"""``bptvlm perf``: what the service boundary and the batched forward cost, as ratios measured side by side.
+
+Every ratio compares two timings taken in the same run on the same model and data (this machine is
+shared and noisy, so only ratios are meaningful):
+
+- ``http_vs_inprocess``: in-process batched generation time / the same generation through HTTP to a
+  server subprocess (1.0 = the boundary is free; target >= 0.9).
+- ``batched_vs_loop``: a reference-style loop (one candidate per forward, images in batches of 32,
+  text padded to the full context length, nothing cached) / ours (target >= 3).
+- ``textonly_vs_joint``: per-candidate time with both prompts / with a text prompt only, whose
+  image features the server caches (target >= 10).
+- ``micro_batch``: per-candidate time at population ``--micro-population`` / at ``--population``
+  (memory bounded by ``--max-batch-images``; target >= 1, i.e. not slower per candidate).
+- ``trimmed_vs_full``: text tower time padded to the full context length / trimmed after the last EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bptvlm.client.api import ClipClient
+from bptvlm.launch import local_server
+from bptvlm.server.loading import load_model
+from bptvlm.server.model import PromptedCLIP, loss_per_candidate
+
+TARGETS = {"http_vs_inprocess": 0.9, "batched_vs_loop": 3.0, "textonly_vs_joint": 10.0, "micro_batch": 1.0,
+           "trimmed_vs_full": 1.0}
+REFERENCE_IMAGE_BATCH = 32
+
+
+@dataclass
+class Workload:
+    """One generation's inputs: ``P`` candidates, ``N = shots x classes`` images, ``C`` classes."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+    text_context: np.ndarray  # float32 [P, n_ctx_t, D_t]
+    visual_prompt: np.ndarray  # float32 [P, n_ctx_v, D_v]
+
+
+def make_workload(model: PromptedCLIP, population: int, shots: int, classes: int, seed: int = 0) -> Workload:
+    rng = np.random.default_rng(seed)
+    lim = model.limits
+    n = shots * classes
+    return Workload(
+        images=rng.integers(0, 256, (n, lim.image_size, lim.image_size, 3), dtype=np.uint8),
+        labels=np.repeat(np.arange(classes, dtype=np.int64), shots),
+        class_names=[f"class {k}." for k in range(classes)],
+        text_context=(rng.standard_normal((population, 8, lim.text_width)) * lim.token_embedding_std).astype(np.float32),
+        visual_prompt=(rng.standard_normal((population, 5, lim.vision_width)) * 0.02).astype(np.float32),
+    )
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class InProcess:
+    """The prompted forward without any HTTP: what a generation costs the hardware."""
+
+    def __init__(self, model: PromptedCLIP, work: Workload) -> None:
+        self.model, self.work = model, work
+        self.pixels = model.preprocess(work.images)
+        self.tokens = model.tokenize(work.class_names)
+        self.labels = torch.from_numpy(work.labels)
+
+    def batched(self, ctx: np.ndarray | None, prompt: np.ndarray | None) -> torch.Tensor:
+        m = self.model
+        vp = None if prompt is None else torch.from_numpy(prompt)
+        images = m.encode_images(self.pixels, vp)
+        text = m.encode_text(self.tokens, None if ctx is None else torch.from_numpy(ctx))
+        return loss_per_candidate(m.logits(images, text), self.labels)
+
+    def reference_loop(self, ctx: np.ndarray, prompt: np.ndarray) -> torch.Tensor:
+        """One candidate at a time, images in batches of 32, full-length text: the research code's shape."""
+        m, losses = self.model, []
+        for i in range(ctx.shape[0]):
+            text = m.encode_text(self.tokens, torch.from_numpy(ctx[i : i + 1]), pad_to=m.limits.context_length)
+            feats = [
+                m.encode_images(self.pixels[s : s + REFERENCE_IMAGE_BATCH], torch.from_numpy(prompt[i : i + 1]))
+                for s in range(0, self.pixels.shape[0], REFERENCE_IMAGE_BATCH)
+            ]
+            losses.append(loss_per_candidate(m.logits(torch.cat(feats, dim=1), text), self.labels))
+        return torch.cat(losses)
+
+    def text_tower(self, ctx: np.ndarray, full: bool) -> torch.Tensor:
+        pad = self.model.limits.context_length if full else None
+        return self.model.encode_text(self.tokens, torch.from_numpy(ctx), pad_to=pad)
+
+
+def _http_generation(client: ClipClient, batch_id: str, work: Workload, text: bool, vision: bool) -> np.ndarray:
+    inputs: dict[str, np.ndarray] = {
+        "image_batch": np.array([batch_id], dtype=object),
+        "labels": work.labels,
+        "class_names": np.array(work.class_names, dtype=object),
+    }
+    if text:
+        inputs["text_context"] = work.text_context
+    if vision:
+        inputs["visual_prompt"] = work.visual_prompt
+    result = client.infer(inputs)
+    assert result.loss is not None
+    return result.loss
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = PromptedCLIP(load_model(args.model), max_batch_images=args.max_batch_images)
+    work = make_workload(model, args.population, args.shots, args.classes)
+    local = InProcess(model, work)
+    ctx, vp, r = work.text_context, work.visual_prompt, args.repeats
+    p = args.population
+
+    t: dict[str, float] = {}
+    t["inprocess_joint"] = median_seconds(lambda: local.batched(ctx, vp), r)
+    t["loop_joint"] = median_seconds(lambda: local.reference_loop(ctx, vp), max(1, r // 2))
+    t["text_full"] = median_seconds(lambda: local.text_tower(ctx, full=True), r)
+    t["text_trimmed"] = median_seconds(lambda: local.text_tower(ctx, full=False), r)
+    big = make_workload(model, args.micro_population, args.shots, args.classes, seed=1)
+    t["inprocess_joint_micro"] = median_seconds(lambda: local.batched(big.text_context, big.visual_prompt), 1)
+
+    server_args = ["--max-batch-images", str(args.max_batch_images)]
+    with local_server(args.model, args=server_args, timeout=300) as url, ClipClient(url) as client:
+        batch_id = client.upload_images(work.images)
+        t["http_joint"] = median_seconds(lambda: _http_generation(client, batch_id, work, True, True), r)
+        t["http_text"] = median_seconds(lambda: _http_generation(client, batch_id, work, True, False), r)
+
+    ratios = {
+        "http_vs_inprocess": t["inprocess_joint"] / t["http_joint"],
+        "batched_vs_loop": t["loop_joint"] / t["inprocess_joint"],
+        "textonly_vs_joint": t["http_joint"] / t["http_text"],
+        "micro_batch": (t["inprocess_joint"] / p) / (t["inprocess_joint_micro"] / args.micro_population),
+        "trimmed_vs_full": t["text_full"] / t["text_trimmed"],
+    }
+    setup = {
+        "model": model.model_id,
+        "device": str(model.device),
+        "population": p,
+        "micro_population": args.micro_population,
+        "images": len(work.labels),
+        "classes": args.classes,
+        "threads": torch.get_num_threads(),
+    }
+    return {**ratios, "setup": setup, "seconds": t, "targets": TARGETS}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    t, setup = result["seconds"], result["setup"]
+    pairs = {
+        "http_vs_inprocess": ("in-process generation", "inprocess_joint", "HTTP generation", "http_joint"),
+        "batched_vs_loop": ("reference loop", "loop_joint", "batched", "inprocess_joint"),
+        "textonly_vs_joint": ("joint via HTTP", "http_joint", "text-only via HTTP", "http_text"),
+        "micro_batch": (f"P={setup['population']}", "inprocess_joint", f"P={setup['micro_population']}",
+                        "inprocess_joint_micro"),
+        "trimmed_vs_full": ("text, full length", "text_full", "text, trimmed", "text_trimmed"),
+    }
+    lines = [f"model {setup['model']} on {setup['device']} ({setup['threads']} threads), population "
+             f"{setup['population']}, {setup['images']} images, {setup['classes']} classes", ""]
+    lines.append(f"{'ratio':<20}{'value':>8}{'target':>8}  {'met':<4} measurements (median s)")
+    for name in TARGETS:
+        value = result[name]
+        a_label, a_key, b_label, b_key = pairs[name]
+        met = "yes" if value >= result["targets"][name] else "NO"
+        lines.append(f"{name:<20}{value:>8.2f}{result['targets'][name]:>8.1f}  {met:<4} "
+                     f"{a_label} {t[a_key]:.4f} / {b_label} {t[b_key]:.4f}")
+    return "\n".join(lines)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perf", help="measure the boundary's cost and the batched forward's speed-ups",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded",
+                   help="model spec as for `serve` (embedded, tiny-random, random-vit-b32, a directory)")
+    p.add_argument("--population", type=int, default=30)
+    p.add_argument("--micro-population", type=int, default=1000, help="population of the micro-batching check")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    p.add_argument("--max-batch-images", type=int, default=4096)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = measure(args)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
