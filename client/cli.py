@@ -129,7 +129,10 @@ def _load_data(args: argparse.Namespace, image_size: int, shots: int | None) -> 
     if args.task:
         from bptvlm.world.tasks import load_task  # lazy: the world package is optional for the client
 
-        task: TaskLike = load_task(args.task, shots=shots or 16, seed=args.seed)
+        try:
+            task: TaskLike = load_task(args.task, shots=shots or 1, seed=args.seed)
+        except KeyError as exc:
+            raise DataError(str(exc.args[0]) if exc.args else str(exc)) from None
         return task
     dataset = ImageFolderDataset(args.data, image_size, seed=args.seed, test_fraction=args.test_fraction)
     if shots is None:

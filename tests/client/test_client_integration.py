@@ -1,0 +1,162 @@
+"""The client against the real server app (tiny-random CLIP) bound in-process, and the CLI commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from bptvlm.client import cli
+from bptvlm.client.api import ClipClient
+from bptvlm.client.data import FewShotData
+from bptvlm.client.tuner import TuneConfig, evaluate_saved, run_tuning
+from bptvlm.server.app import create_app
+from bptvlm.server.config import Settings
+from bptvlm.shared import errors as e
+
+from .conftest import write_image_folder
+
+SMALL = {"d_text": 40, "d_vision": 40, "n_ctx_text": 6, "n_ctx_vision": 2}
+
+
+def _colour_task(size: int, n_train: int = 18, n_test: int = 15) -> FewShotData:
+    """Noise images whose class (red, green, blue) saturates one channel."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n, dtype=np.int64) % 3
+        images = rng.integers(0, 128, (n, size, size, 3), dtype=np.uint8)
+        images[np.arange(n), ..., labels] = 255
+        return images, labels
+
+    return FewShotData(["red", "green", "blue"], *split(n_train), *split(n_test))
+
+
+@pytest.fixture(scope="module")
+def app_http() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(model="tiny-random", device="cpu"))) as http:
+        yield http
+
+
+@pytest.fixture()
+def live(app_http: TestClient) -> ClipClient:
+    return ClipClient("http://testserver", http=app_http)
+
+
+def test_tuning_through_the_real_app_charges_exactly(live: ClipClient, tmp_path: Path) -> None:
+    size = live.prompt_limits().image_size
+    config = TuneConfig(budget=200, popsize=20, optimizer="CMA", **SMALL)
+    summary = run_tuning(live, _colour_task(size), config, tmp_path, progress=False)
+    assert summary["best_train_loss"] < summary["initial_train_loss"]
+    assert summary["train_queries"] == 200
+    assert summary["server_usage"]["candidates"] == 200 + summary["eval_queries"]
+    assert summary["generations"] == 10 and summary["model"].startswith("tiny-random")
+    result = evaluate_saved(live, tmp_path / "prompts.safetensors", _colour_task(size))
+    assert result["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert result["zero_shot_accuracy"] == pytest.approx(summary["zero_shot_accuracy"])
+
+
+@pytest.mark.parametrize("position", ["pre_ln", "post_ln"])
+def test_placements_are_accepted(live: ClipClient, tmp_path: Path, position: str) -> None:
+    size = live.prompt_limits().image_size
+    config = TuneConfig(budget=8, popsize=4, visual_prompt_position=position, loss="focal", **SMALL)
+    assert run_tuning(live, _colour_task(size, 6, 3), config, tmp_path, progress=False)["train_queries"] == 8
+
+
+def test_budget_exhaustion_is_not_retried(tmp_path: Path) -> None:
+    settings = Settings(model="tiny-random", device="cpu", api_keys=("k",), quota=7)
+    with TestClient(create_app(settings)) as http:
+        with pytest.raises(e.AuthError):
+            ClipClient("http://testserver", http=http).model_metadata()
+        sleeps: list[float] = []
+        client = ClipClient("http://testserver", http=http, api_key="k", sleep=sleeps.append)
+        size = client.prompt_limits().image_size
+        config = TuneConfig(budget=20, popsize=5, **SMALL)
+        with pytest.raises(e.BudgetExhaustedError):
+            run_tuning(client, _colour_task(size, 6, 3), config, tmp_path, progress=False)
+        assert sleeps == []
+        assert len((tmp_path / "progress.jsonl").read_text().splitlines()) == 1  # 1 + 5 fit in 7, the next 5 not
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bptvlm")
+    cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_tune_and_eval_on_an_image_folder(
+    app_http: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
+    data = write_image_folder(tmp_path / "data", {"red_thing": 6, "blue_thing": 6})
+    out = tmp_path / "run"
+    args = _parser().parse_args(
+        ["tune", "--endpoint", "http://testserver", "--data", str(data), "--shots", "2", "--val-shots", "1",
+         "--budget", "12", "--popsize", "5", "--intrinsic-dim-text", "10", "--intrinsic-dim-vision", "0",
+         "--n-ctx-text", "4", "--template", "a picture of a {}.", "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_queries"] == 12 and summary["class_names"] == ["blue thing", "red thing"]
+    assert summary["variant"] == "joint" and summary["d_vision"] == 0 and summary["selected_by"] == "val_loss"
+    assert "test_accuracy" in capsys.readouterr().out
+
+    args = _parser().parse_args(["eval", "--endpoint", "http://testserver", "--data", str(data), "--prompts", str(out / "prompts.safetensors")])
+    assert args.func(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["template"] == "a picture of a {}." and result["eval_queries"] == 2
+
+
+def test_cli_tune_on_a_builtin_task(app_http: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
+    args = _parser().parse_args(
+        ["tune", "--task", "shape", "--shots", "2", "--budget", "6", "--popsize", "3", "--variant", "text",
+         "--intrinsic-dim-text", "8", "--out", str(tmp_path), "--no-progress"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train_queries"] == 6 and summary["num_train"] == 2 * len(summary["class_names"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["--data", "NOWHERE"], cli.EXIT_USAGE, "does not exist"),
+        (["--task", "no_such_task"], cli.EXIT_USAGE, "unknown task"),
+        (["--task", "shape", "--optimizer", "CMAA"], cli.EXIT_USAGE, "did you mean"),
+        (["--task", "shape", "--n-ctx-text", "99"], cli.EXIT_USAGE, "max_text_context"),
+    ],
+    ids=["missing-folder", "unknown-task", "unknown-optimizer", "too-many-tokens"],
+)
+def test_cli_errors_are_one_line_and_an_exit_code(
+    app_http: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    argv: list[str], code: int, message: str,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(cli, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
+    args = _parser().parse_args(["tune", *argv, "--budget", "2", "--out", str(tmp_path), "--no-progress"])
+    assert args.func(args) == code
+    assert message in caplog.text
+
+
+def test_cli_unreachable_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    args = _parser().parse_args(
+        ["tune", "--endpoint", "http://127.0.0.1:9", "--task", "shape", "--wait", "0", "--out", str(tmp_path)]
+    )
+    assert args.func(args) == cli.EXIT_FAILED
+    assert "not ready" in caplog.text
+
+
+def test_client_never_imports_the_server() -> None:
+    code = (
+        "import sys, bptvlm.client.cli, bptvlm.client.tuner, bptvlm.client.api, bptvlm.client.data;"
+        "bad = sorted(m for m in sys.modules if m.startswith('bptvlm.server'));"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
