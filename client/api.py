@@ -287,7 +287,7 @@ class ClipClient:
             raise ProtocolError(f"server stored {upload.num_images} images, {len(images)} were sent")
         logger.debug("uploaded %d images as %s (cached=%s)", len(images), upload.image_batch, upload.cached)
         self._image_ids[key] = upload.image_batch
-        return upload.image_batch
+        return str(upload.image_batch)
 
     def forget_images(self) -> None:
         """Drop the client-side upload cache (the next ``upload_images`` sends the pixels again)."""

@@ -9,6 +9,7 @@ built-in tasks (``bptvlm.world.tasks.TaskData``) have the same fields.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -28,13 +29,20 @@ class DataError(ValueError):
 class TaskLike(Protocol):
     """Fields tuning reads (``FewShotData`` and ``bptvlm.world.tasks.TaskData`` both have them)."""
 
-    class_names: list[str]
-    train_images: np.ndarray  # uint8 [N, H, W, 3]
-    train_labels: np.ndarray  # int64 [N]
-    val_images: np.ndarray | None
-    val_labels: np.ndarray | None
-    test_images: np.ndarray
-    test_labels: np.ndarray
+    @property
+    def class_names(self) -> Sequence[str]: ...
+    @property
+    def train_images(self) -> np.ndarray: ...  # uint8 [N, H, W, 3]
+    @property
+    def train_labels(self) -> np.ndarray: ...  # int64 [N]
+    @property
+    def val_images(self) -> np.ndarray | None: ...
+    @property
+    def val_labels(self) -> np.ndarray | None: ...
+    @property
+    def test_images(self) -> np.ndarray: ...
+    @property
+    def test_labels(self) -> np.ndarray: ...
 
 
 @dataclass
@@ -59,15 +67,14 @@ def class_name_of(folder: str) -> str:
 def load_image(path: Path, size: int) -> np.ndarray:
     """RGB uint8 [size, size, 3]: shorter side resized to ``size`` (bicubic), then centre-cropped."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8)
+        with Image.open(path) as file:
+            img: Image.Image = file.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 

@@ -80,7 +80,7 @@ class PromptProjection:
     def _text_std(self) -> float:
         if self.d_text == 0:
             return 0.0
-        return self.limits.token_embedding_std / (math.sqrt(self.d_text) * self.sigma)
+        return float(self.limits.token_embedding_std) / (math.sqrt(self.d_text) * self.sigma)
 
     def _vision_stats(self) -> tuple[float, float]:
         """(mean, std) of ``A_vision`` for the configured placement."""

@@ -139,7 +139,7 @@ class QueryCount:
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """logits [P, N, C], labels [N] -> accuracy [P]."""
-    return (logits.argmax(-1) == labels[None, :]).mean(-1)
+    return np.asarray((logits.argmax(-1) == labels[None, :]).mean(-1), dtype=np.float64)
 
 
 class RemoteTask:
@@ -239,9 +239,11 @@ def _finite(losses: np.ndarray) -> np.ndarray:
     return losses
 
 
-def _train(task: RemoteTask, projection: PromptProjection, config: TuneConfig, log: ProgressLog, progress: bool) -> tuple[_Search, Any]:
+def _train(
+    task: RemoteTask, projection: PromptProjection, config: TuneConfig, log: ProgressLog, progress: bool, search: _Search
+) -> Any:
+    """Run generations until the budget is spent; update ``search`` as they return; return the optimizer."""
     opt = make_optimizer(config, projection.dimension)
-    search = _Search()
     start = time.perf_counter()
     bar = tqdm(total=config.budget, unit="query", desc="tuning", disable=not (progress and sys.stderr.isatty()))
     try:
@@ -273,7 +275,7 @@ def _train(task: RemoteTask, projection: PromptProjection, config: TuneConfig, l
         logger.warning("interrupted after %d training queries; evaluating what was found", task.count.train)
     finally:
         bar.close()
-    return search, opt
+    return opt
 
 
 def run_tuning(
@@ -308,18 +310,6 @@ def run_tuning(
     )  # fmt: skip
     zero = np.zeros((1, projection.dimension), dtype=np.float32)
     initial_loss = float(task.losses("train", projection(zero))[0])
-    log = ProgressLog(out / PROGRESS_FILE)
-    try:
-        search, opt = _train(task, projection, config, log, progress)
-    except BudgetExhaustedError:
-        logger.error("the server's budget for this key is spent after %d training queries", task.count.train)
-        raise
-    finally:
-        log.close()
-    if search.best_z is None:  # interrupted before the first generation returned
-        search.best_z, search.best_loss = zero[0], initial_loss
-
-    result = _select_and_test(task, projection, search, opt)
     meta = {
         "model": model_id,
         "model_name": metadata.name,
@@ -327,14 +317,27 @@ def run_tuning(
         "context_init": template.prefix,
         "class_names": task.class_names,
         "class_texts": [template.class_text(n) for n in task.class_names],
-        "selected": result["selected"],
         "protocol_version": PROTOCOL_VERSION,
         **{k: v for k, v in asdict(config).items() if k != "template"},
         **projection.config(),
     }
-    chosen_z = result.pop("_z")
-    tensors = {name: t for name, t in projection(chosen_z[None, :]).items()}
-    save_prompts(out / PROMPTS_FILE, SavedPrompts(tensors={**tensors, "z": chosen_z[None, :]}, meta=meta))
+    search = _Search()
+    log = ProgressLog(out / PROGRESS_FILE)
+    try:
+        opt = _train(task, projection, config, log, progress, search)
+    except BudgetExhaustedError:
+        logger.error("the server's budget for this key is spent after %d training queries", task.count.train)
+        if search.best_z is not None:  # keep what was paid for
+            _save(out, projection, search.best_z, {**meta, "selected": "best", "incomplete": True})
+            logger.error("best prompt so far (train loss %.4f) saved to %s", search.best_loss, out / PROMPTS_FILE)
+        raise
+    finally:
+        log.close()
+    if search.best_z is None:  # interrupted before the first generation returned
+        search.best_z, search.best_loss = zero[0], initial_loss
+
+    result = _select_and_test(task, projection, search, opt)
+    _save(out, projection, result.pop("_z"), {**meta, "selected": result["selected"]})
 
     server_usage = {k: v - getattr(usage_before, k) for k, v in client.usage.model_dump().items()}
     summary = {
@@ -369,6 +372,12 @@ def run_tuning(
         task.count.train, task.count.eval,
     )  # fmt: skip
     return summary
+
+
+def _save(out: Path, projection: PromptProjection, z: np.ndarray, meta: dict[str, Any]) -> None:
+    """prompts.safetensors for one z [d]: its prompt tensors (population of one) and z itself."""
+    tensors = projection(z[None, :])
+    save_prompts(out / PROMPTS_FILE, SavedPrompts(tensors={**tensors, "z": z[None, :]}, meta=meta))
 
 
 def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Search, opt: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from bptvlm.client import cli
 from bptvlm.client.api import ClipClient
+from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.data import FewShotData
 from bptvlm.client.tuner import TuneConfig, evaluate_saved, run_tuning
 from bptvlm.server.app import create_app
@@ -83,6 +84,7 @@ def test_budget_exhaustion_is_not_retried(tmp_path: Path) -> None:
             run_tuning(client, _colour_task(size, 6, 3), config, tmp_path, progress=False)
         assert sleeps == []
         assert len((tmp_path / "progress.jsonl").read_text().splitlines()) == 1  # 1 + 5 fit in 7, the next 5 not
+        assert load_prompts(tmp_path / "prompts.safetensors").meta["incomplete"] is True
 
 
 def _parser() -> argparse.ArgumentParser:
