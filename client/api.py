@@ -61,6 +61,7 @@ class InferResult:
     logits:  float32 [P, N, C] (None unless asked)
     usage:   what the server charged for this request (candidates = P)
     outputs: every output tensor by name
+    parameters: the response's parameters (usage, and whatever else the server reports)
     """
 
     loss: np.ndarray | None
@@ -68,6 +69,7 @@ class InferResult:
     usage: Usage
     request_id: str | None
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 def add_usage(a: Usage, b: Usage) -> Usage:
@@ -328,5 +330,6 @@ class ClipClient:
             usage=usage,
             request_id=decoded.id,
             outputs=arrays,
+            parameters=dict(decoded.parameters or {}),
         )
 

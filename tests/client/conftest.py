@@ -128,14 +128,17 @@ def client(make_client: Callable[..., ClipClient]) -> ClipClient:
     return make_client()
 
 
-def write_image_folder(root: Path, counts: dict[str, int], size: int = 12, seed: int = 0) -> Path:
-    """``root/<class>/<i>.png`` with ``counts[class]`` random RGB images each."""
+def write_image_folder(root: Path, counts: dict[str, int], size: int = 12, seed: int = 0, tint: bool = False) -> Path:
+    """``root/<class>/<i>.png`` with ``counts[class]`` random RGB images each; with ``tint`` the k-th
+    class saturates colour channel k % 3 (a signal a prompt can learn)."""
     rng = np.random.default_rng(seed)
-    for name, count in counts.items():
+    for k, (name, count) in enumerate(counts.items()):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)  # not square on purpose
+            if tint:
+                pixels[..., k % 3] = 255
             Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return root
 
