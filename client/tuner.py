@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import nevergrad as ng
+from nevergrad.optimization.base import ConfiguredOptimizer
 import numpy as np
 from tqdm import tqdm
 
@@ -210,6 +211,9 @@ def make_optimizer(config: TuneConfig, dimension: int) -> Any:
     parametrization = ng.p.Array(init=np.zeros(dimension))
     parametrization.random_state = np.random.RandomState(config.seed)
     cls = optimizer_class(config.optimizer)
+    if isinstance(cls, ConfiguredOptimizer) and "popsize" in cls.config():
+        # e.g. DiagonalCMA: make its generation our request, not max(popsize, 4 + 3 ln d)
+        cls = type(cls)(**{**cls.config(), "popsize": config.popsize})
     try:
         return cls(parametrization=parametrization, budget=config.budget, num_workers=config.popsize)
     except ValueError as exc:

@@ -13,7 +13,7 @@ import pytest
 from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.data import FewShotData
-from bptvlm.client.tuner import Template, TuneConfig, evaluate_saved, optimizer_class, run_tuning
+from bptvlm.client.tuner import Template, TuneConfig, evaluate_saved, make_optimizer, optimizer_class, run_tuning
 from bptvlm.shared import protocol as p
 
 from .conftest import LIMITS, FakeServer, read_jsonl
@@ -141,6 +141,12 @@ def test_template_split() -> None:
     assert (start.prefix, start.class_text("owl")) == ("", "owl in the wild.")
     with pytest.raises(ValueError, match="exactly one"):
         Template("no placeholder")
+
+
+def test_configurable_popsize_is_the_request_size() -> None:
+    opt = make_optimizer(TuneConfig(optimizer="DiagonalCMA", popsize=5), dimension=50)
+    opt.ask()
+    assert opt._popsize == 5  # nevergrad's default would be max(5, 4 + 3 ln 50) = 15
 
 
 def test_unknown_optimizer_lists_close_names() -> None:
