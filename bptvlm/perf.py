@@ -9,8 +9,8 @@ shared and noisy, so only ratios are meaningful):
   text padded to the full context length, nothing cached) / ours (target >= 3).
 - ``textonly_vs_joint``: per-candidate time with both prompts / with a text prompt only, whose
   image features the server caches (target >= 10).
-- ``micro_batch``: per-candidate time at population ``--micro-population`` / at ``--population``
-  (memory bounded by ``--max-batch-images``; target >= 1, i.e. not slower per candidate).
+- ``micro_batch``: per-candidate time at population ``--population`` / at ``--micro-population``
+  (memory bounded by ``--max-batch-images``; target >= 1: the big request is not slower per candidate).
 - ``trimmed_vs_full``: text tower time padded to the full context length / trimmed after the last EOS.
 """
 
@@ -21,6 +21,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +62,33 @@ def make_workload(model: PromptedCLIP, population: int, shots: int, classes: int
     )
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perf-forward")
+
+
+def in_worker(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``fn`` on a worker thread, as the server runs every forward (FastAPI's threadpool).
+
+    Measured here: on a loaded machine the same forward ran several times slower on the main
+    thread than on a worker thread, so comparing a main-thread forward with the server's would
+    flatter HTTP.
+    """
+    return lambda: _WORKER.submit(fn).result()
+
+
+def paired_seconds(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median times of ``a`` and ``b``, alternated run by run so that load from elsewhere hits both."""
+    a(), b()  # warm-up
+    times_a, times_b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times_a.append(_seconds(a))
+        times_b.append(_seconds(b))
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 class InProcess:
@@ -125,27 +145,35 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     work = make_workload(model, args.population, args.shots, args.classes)
     local = InProcess(model, work)
     ctx, vp, r = work.text_context, work.visual_prompt, args.repeats
+    batched, loop = in_worker(lambda: local.batched(ctx, vp)), in_worker(lambda: local.reference_loop(ctx, vp))
     p = args.population
 
-    t: dict[str, float] = {}
-    t["inprocess_joint"] = median_seconds(lambda: local.batched(ctx, vp), r)
-    t["loop_joint"] = median_seconds(lambda: local.reference_loop(ctx, vp), max(1, r // 2))
-    t["text_full"] = median_seconds(lambda: local.text_tower(ctx, full=True), r)
-    t["text_trimmed"] = median_seconds(lambda: local.text_tower(ctx, full=False), r)
     big = make_workload(model, args.micro_population, args.shots, args.classes, seed=1)
-    t["inprocess_joint_micro"] = median_seconds(lambda: local.batched(big.text_context, big.visual_prompt), 1)
-
+    t: dict[str, float] = {}
+    t["loop_joint"], t["batched_joint"] = paired_seconds(loop, batched, max(1, r // 2))
+    t["text_full"], t["text_trimmed"] = paired_seconds(
+        in_worker(lambda: local.text_tower(ctx, full=True)), in_worker(lambda: local.text_tower(ctx, full=False)), r
+    )
     server_args = ["--max-batch-images", str(args.max_batch_images)]
     with local_server(args.model, args=server_args, timeout=300) as url, ClipClient(url) as client:
         batch_id = client.upload_images(work.images)
-        t["http_joint"] = median_seconds(lambda: _http_generation(client, batch_id, work, True, True), r)
-        t["http_text"] = median_seconds(lambda: _http_generation(client, batch_id, work, True, False), r)
+        t["inprocess_joint"], t["http_joint"] = paired_seconds(
+            batched, lambda: _http_generation(client, batch_id, work, True, True), r
+        )
+        t["http_joint_b"], t["http_text"] = paired_seconds(
+            lambda: _http_generation(client, batch_id, work, True, True),
+            lambda: _http_generation(client, batch_id, work, True, False),
+            r,
+        )
+    t["batched_joint_p30"], t["batched_joint_micro"] = paired_seconds(
+        batched, in_worker(lambda: local.batched(big.text_context, big.visual_prompt)), 1
+    )
 
     ratios = {
         "http_vs_inprocess": t["inprocess_joint"] / t["http_joint"],
-        "batched_vs_loop": t["loop_joint"] / t["inprocess_joint"],
-        "textonly_vs_joint": t["http_joint"] / t["http_text"],
-        "micro_batch": (t["inprocess_joint"] / p) / (t["inprocess_joint_micro"] / args.micro_population),
+        "batched_vs_loop": t["loop_joint"] / t["batched_joint"],
+        "textonly_vs_joint": t["http_joint_b"] / t["http_text"],
+        "micro_batch": (t["batched_joint_p30"] / p) / (t["batched_joint_micro"] / args.micro_population),
         "trimmed_vs_full": t["text_full"] / t["text_trimmed"],
     }
     setup = {
@@ -164,10 +192,10 @@ def format_report(result: dict[str, Any]) -> str:
     t, setup = result["seconds"], result["setup"]
     pairs = {
         "http_vs_inprocess": ("in-process generation", "inprocess_joint", "HTTP generation", "http_joint"),
-        "batched_vs_loop": ("reference loop", "loop_joint", "batched", "inprocess_joint"),
-        "textonly_vs_joint": ("joint via HTTP", "http_joint", "text-only via HTTP", "http_text"),
-        "micro_batch": (f"P={setup['population']}", "inprocess_joint", f"P={setup['micro_population']}",
-                        "inprocess_joint_micro"),
+        "batched_vs_loop": ("reference loop", "loop_joint", "batched", "batched_joint"),
+        "textonly_vs_joint": ("joint via HTTP", "http_joint_b", "text-only via HTTP", "http_text"),
+        "micro_batch": (f"P={setup['population']}", "batched_joint_p30", f"P={setup['micro_population']}",
+                        "batched_joint_micro"),
         "trimmed_vs_full": ("text, full length", "text_full", "text, trimmed", "text_trimmed"),
     }
     lines = [f"model {setup['model']} on {setup['device']} ({setup['threads']} threads), population "

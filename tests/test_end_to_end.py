@@ -1,0 +1,81 @@
+"""End to end: the server as a real uvicorn subprocess, the client as another process, HTTP between."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from bptvlm.launch import local_server
+from bptvlm.shared.tensors import HEADER_LENGTH, decode_response, encode_request
+
+pytestmark = pytest.mark.slow
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 40, 220)}
+
+
+def _image_folder(root: Path, per_class: int = 12) -> Path:
+    """Three classes of noisy solid-colour images, split into train/ and test/."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", per_class // 2)):
+        for name, rgb in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with local_server("tiny-random", args=["--api-key", "e2e-key"]) as url:
+        yield url
+
+
+def test_tuning_run_across_processes(server: str, tmp_path: Path) -> None:
+    data, out, budget = _image_folder(tmp_path / "data"), tmp_path / "run", 200
+    cmd = [sys.executable, "-m", "bptvlm.cli", "tune", "--endpoint", server, "--api-key", "e2e-key",
+           "--data", str(data), "--shots", "8", "--optimizer", "CMA", "--popsize", "12", "--budget", str(budget),
+           "--seed", "0", "--intrinsic-dim-text", "40", "--intrinsic-dim-vision", "40", "--out", str(out),
+           "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_queries"] == budget  # the last generation was truncated, never exceeded
+    assert summary["best_train_loss"] < summary["initial_train_loss"]
+    progress = [json.loads(line) for line in (out / "progress.jsonl").read_text().splitlines()]
+    assert progress[-1]["queries"] == budget and len(progress) == -(-budget // 12)
+    assert (out / "prompts.safetensors").stat().st_size > 0
+
+    # The server charged exactly what the client counted: training plus evaluation queries.
+    usage = httpx.get(f"{server}/v2/usage", headers={"Authorization": "Bearer e2e-key"}).json()["usage"]
+    assert usage["candidates"] == summary["train_queries"] + summary["eval_queries"]
+
+
+def test_only_loss_and_logits_leave_the_server(server: str) -> None:
+    inputs = {"text_context": np.zeros((2, 4, 32), np.float32), "visual_prompt": np.zeros((2, 1, 32), np.float32),
+              "images": np.zeros((3, 32, 32, 3), np.uint8), "labels": np.array([0, 1, 0]),
+              "class_names": np.array(["red.", "blue."], dtype=object)}
+    for binary in (True, False):
+        body, headers = encode_request(inputs, outputs=["loss", "logits"], binary=binary)
+        r = httpx.post(f"{server}/v2/models/clip/infer", content=body,
+                       headers=headers | {"Authorization": "Bearer e2e-key"})
+        assert r.status_code == 200, r.text
+        response, arrays = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+        assert set(arrays) == {"loss", "logits"}
+        assert set(response.parameters or {}) == {"usage", "usage_total"}
+        assert set(response.model_dump(exclude_none=True)) == {"model_name", "model_version", "parameters", "outputs"}
+
+
+def test_wrong_key_is_refused_by_the_real_server(server: str) -> None:
+    r = httpx.get(f"{server}/v2/models/clip", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json() == {"error": "unknown API key"}
