@@ -210,22 +210,8 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("perf", help="measure the boundary's cost and the batched forward's speed-ups",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded",
-                   help="model spec as for `serve` (embedded, tiny-random, random-vit-b32, a directory)")
-    p.add_argument("--population", type=int, default=30)
-    p.add_argument("--micro-population", type=int, default=1000, help="population of the micro-batching check")
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
-    p.add_argument("--max-batch-images", type=int, default=4096)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `bptvlm perf` (flags in bptvlm.cli)."""
     result = measure(args)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -44,27 +44,36 @@ class LoadedModel:
     model_id: str
 
 
-def build_word_tokenizer(corpus: list[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
-    """A lowercase BPE with a ``</w>`` word suffix over ``corpus``; falls back to characters.
+def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A lowercase BPE with a ``</w>`` word suffix: one merge chain per corpus word, characters otherwise.
 
-    Words are split on whitespace and punctuation first, so the tokens of "a photo of a" followed by
-    the tokens of "dog." equal the tokens of "a photo of a dog.".
+    Built from explicit merges rather than trained, so every process gets the same ids. Words are
+    split on whitespace and punctuation first, so the tokens of "a photo of a" followed by the tokens
+    of "dog." equal the tokens of "a photo of a dog.".
     """
-    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+    alphabet = string.ascii_lowercase + string.digits + string.punctuation
+    vocab: dict[str, int] = {}
+    for token in [BOS, EOS, PAD, UNK, *alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    splitter = pre_tokenizers.Whitespace()
+    words = sorted({w for text in corpus for w, _ in splitter.pre_tokenize_str(text.lower())})
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        if not all(s in vocab for s in symbols):
+            continue
+        left = symbols[0]
+        for right in symbols[1:]:
+            if left + right not in vocab:
+                merges.append((left, right))
+                vocab[left + right] = len(vocab)
+            left = left + right
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = splitter
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS, PAD, UNK],
-        initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, bos), (EOS, eos)]
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=32

@@ -49,7 +49,15 @@ Parameters = dict[str, Any]
 
 
 class _Message(BaseModel):
+    """What a client sends: unknown fields are refused, so a typo is an error, not a silent no-op."""
+
     model_config = ConfigDict(extra="forbid")
+
+
+class _Reply(BaseModel):
+    """What a server sends: unknown fields are ignored, so a newer server does not break older clients."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class TensorData(_Message):
@@ -76,7 +84,7 @@ class InferenceRequest(_Message):
     outputs: list[RequestedOutput] | None = None
 
 
-class InferenceResponse(_Message):
+class InferenceResponse(_Reply):
     model_name: str
     model_version: str | None = None
     id: str | None = None
@@ -84,7 +92,7 @@ class InferenceResponse(_Message):
     outputs: list[TensorData]
 
 
-class MetadataTensor(_Message):
+class MetadataTensor(_Reply):
     """Shape with ``-1`` for a free dimension."""
 
     name: str
@@ -92,13 +100,13 @@ class MetadataTensor(_Message):
     shape: list[int]
 
 
-class ServerMetadata(_Message):
+class ServerMetadata(_Reply):
     name: str
     version: str
     extensions: list[str]
 
 
-class PromptLimits(_Message):
+class PromptLimits(_Reply):
     """What a client needs to build prompts for the served model (published on purpose).
 
     The statistics are the ones the paper's projection initialisation uses; publishing them leaks
@@ -122,7 +130,7 @@ class PromptLimits(_Message):
     )
 
 
-class ModelMetadata(_Message):
+class ModelMetadata(_Reply):
     name: str
     versions: list[str]
     platform: str
@@ -131,7 +139,7 @@ class ModelMetadata(_Message):
     parameters: Parameters = Field(default_factory=dict)
 
 
-class Usage(_Message):
+class Usage(_Reply):
     """Queries charged, in the units the user pays for (one candidate = one query)."""
 
     candidates: int = 0
@@ -139,20 +147,20 @@ class Usage(_Message):
     image_forwards: int = 0
 
 
-class UsageReport(_Message):
+class UsageReport(_Reply):
     """``GET /v2/usage``: the caller's totals; ``remaining`` is None without a quota."""
 
     usage: Usage
     remaining: int | None = None
 
 
-class ImageUploadResponse(_Message):
+class ImageUploadResponse(_Reply):
     image_batch: str = Field(description="content-hash id to pass as the image_batch input")
     num_images: int
     cached: bool = Field(description="the batch was already stored (upload is idempotent)")
 
 
-class ErrorResponse(_Message):
+class ErrorResponse(_Reply):
     error: str
 
 

@@ -108,3 +108,13 @@ def test_help_explains_every_command() -> None:
         text = sp.format_help()
         assert sp.description, f"`bptvlm {name}` has no description"
         assert len(text) > 200, name
+
+
+def test_the_command_line_loads_no_server_or_model_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, bptvlm.cli; bptvlm.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'bptvlm.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -136,7 +136,7 @@ def test_bad_tensors_are_named(client: TestClient, inputs: dict, status: int, me
         ({"loss": "hinge"}, "parameter 'loss' must be 'ce' or 'focal', received 'hinge'"),
         ({"focal_gamma": "x"}, "parameter 'focal_gamma' must be a number"),
         ({"visual_prompt_position": "middle"}, "must be 'pre_ln' or 'post_ln'"),
-        ({"context_init": "a very long photo of a nice"}, "has 15 tokens, more than the 4 context vectors"),
+        ({"context_init": "a very long photo of a nice"}, "has 14 tokens, more than the 4 context vectors"),
         ({"temperature": 2}, "unknown request parameter 'temperature'"),
     ],
     ids=["loss", "gamma", "placement", "context-init-long", "unknown"],

@@ -36,3 +36,14 @@ def test_directory_without_a_model_fails_loudly(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("not a model")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_model(str(tmp_path))
+
+
+def test_tiny_tokenizer_is_the_same_in_every_process() -> None:
+    import subprocess
+    import sys
+
+    code = ("from bptvlm.server.loading import tiny_random_clip; "
+            "print(tiny_random_clip(0).tokenizer('a photo of a red zebra.').input_ids)")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1
