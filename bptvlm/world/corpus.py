@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from bptvlm.world.render import BACKGROUNDS, COLOURS, COUNT_WORDS, SHAPES, Scene, digit_pool, render
@@ -22,6 +22,7 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<start_of_text>", "<end_of_text>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0..3: eos is 3, never the legacy 2
 
 _PLURAL = {"cross": "crosses"}
+N_DIGIT_VOCAB = 10  # digit labels used when sampling captions for the tokenizer
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,8 @@ class CorpusConfig:
     """Mixture of pretraining scenes and caption dropout rates."""
 
     p_digit: float = 0.2
-    p_single: float = 0.5  # among shape scenes; the rest show 2-4 copies
+    p_single: float = 0.6  # among shape scenes; the rest show 2-4 copies
+    p_large: float = 0.6  # among single shapes; large shapes teach shape fastest
     p_drop_colour: float = 0.15
     p_drop_shape: float = 0.15  # "shape"/"shapes" instead of the shape name
     p_drop_background: float = 0.2
@@ -47,7 +49,7 @@ def sample_scene(rng: np.random.Generator, cfg: CorpusConfig, n_digits: int) -> 
         return Scene(kind="digit", colour=colour, background=bg), idx
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     if rng.random() < cfg.p_single:
-        size = "large" if rng.random() < 0.5 else "small"
+        size = "large" if rng.random() < cfg.p_large else "small"
         return Scene(kind="shapes", colour=colour, background=bg, shape=shape, count=1, size=size), -1
     return Scene(kind="shapes", colour=colour, background=bg, shape=shape, count=int(rng.integers(2, 5))), -1
 
@@ -123,41 +125,71 @@ class PairSampler:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _coverage_words() -> list[str]:
-    """Words that put every character in the vocabulary both mid-word and word-final."""
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
-    punct = ".,:;!?'\"-_/()&+"
-    return [chars, chars[::-1], *chars, *punct]
+def _learn_merges(word_counts: dict[str, int], n_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned deterministically (ties broken by the pair's text).
+
+    The `tokenizers` BPE trainer breaks ties in hash-map order, which changes from process to process,
+    so the same seed gave different vocabularies; this corpus has a few dozen word types, so a plain
+    Python trainer is instant and reproducible.
+    """
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in word_counts.items()}
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for symbols, c in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + c
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged = {}
+        for symbols, c in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = c
+        words = merged
+    return merges
 
 
 def train_tokenizer(seed: int, vocab_size: int = 512, n_captions: int = 20000) -> PreTrainedTokenizerFast:
     """A lowercase BPE (`</w>` word ends) trained on sampled captions, with start/end/pad tokens.
 
     Pre-tokenisation splits on whitespace and punctuation, so tokenising "a photo of a" and
-    "circle." separately and concatenating equals tokenising "a photo of a circle.".
+    "circle." separately and concatenating equals tokenising "a photo of a circle.". Every letter,
+    digit and common punctuation mark is in the vocabulary, so unseen words (synonyms) still encode.
+    Deterministic: the same seed gives the same vocabulary and ids in every process.
     """
     cfg = CorpusConfig()
     rng = np.random.default_rng([seed, 11])
-    n_digits = N_DIGIT_VOCAB
-    lines = []
+    pre = pre_tokenizers.Whitespace()
+    counts: dict[str, int] = {}
     for _ in range(n_captions):
-        scene, _ = sample_scene(rng, cfg, n_digits)
-        lines.append(caption(scene, rng, cfg, digit=int(rng.integers(10))))
-    lines.append(" ".join(_coverage_words()))
-    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+        scene, _ = sample_scene(rng, cfg, N_DIGIT_VOCAB)
+        for word, _ in pre.pre_tokenize_str(caption(scene, rng, cfg, digit=int(rng.integers(10)))):
+            counts[word] = counts.get(word, 0) + 1
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"-_/()&+"))
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = _learn_merges(dict(sorted(counts.items())), vocab_size - len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    unk_token=UNK, model_max_length=32)
-
-
-N_DIGIT_VOCAB = 10
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
