@@ -1,6 +1,6 @@
 """A synchronous HTTP client for the bptvlm CLIP service (Open Inference Protocol / KServe V2).
 
-    ClipClient(endpoint, *, api_key, model, timeout, binary, max_retries, transport, http)
+    ClipClient(endpoint, *, api_key, model, timeout, binary, max_retries, retry_for, transport, http)
     ├── live() / ready() / wait_until_ready()     GET /v2/health/{live,ready}
     ├── server_metadata() -> dict                 GET /v2
     ├── model_metadata() -> ModelMetadata         GET /v2/models/{model}
@@ -11,7 +11,9 @@
 Error responses (``{"error": msg}``) are raised as the ``bptvlm.shared.errors`` class of their status.
 Retries, with exponential backoff and the same request id on every attempt: 503, 429 *with*
 Retry-After (honoured), and connection failures. Never retried: 429 without Retry-After (the budget is
-spent, waiting does not help) and every other 4xx.
+spent, waiting does not help) and every other 4xx. Retrying stops after ``max_retries`` attempts or
+once ``retry_for`` seconds would have passed, whichever comes first (``max_retries=None``: only the
+window counts, so a server restart within it goes unnoticed but for the wait).
 """
 
 from __future__ import annotations
@@ -121,19 +123,23 @@ class ClipClient:
         model: str = DEFAULT_MODEL_NAME,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         binary: bool = True,
-        max_retries: int = 5,
+        max_retries: int | None = 5,
+        retry_for: float | None = None,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if max_retries < 0:
+        if max_retries is not None and max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, received {max_retries}")
+        if retry_for is not None and retry_for < 0:
+            raise ValueError(f"retry_for must be >= 0 seconds, received {retry_for}")
         self.endpoint = endpoint.rstrip("/")
         self.model = model
         self.binary = binary
         self.max_retries = max_retries
+        self.retry_for = retry_for
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._sleep = sleep
@@ -169,6 +175,13 @@ class ClipClient:
             return retry_after
         return min(self.max_backoff, self.backoff * 2.0**attempt)
 
+    def _may_retry(self, attempt: int, waited: float, delay: float) -> bool:
+        """Whether attempt ``attempt + 1`` is allowed after ``waited`` seconds (slept or elapsed,
+        whichever is more) and a further ``delay``."""
+        if self.max_retries is not None and attempt >= self.max_retries:
+            return False
+        return self.retry_for is None or waited + delay <= self.retry_for
+
     def _request(
         self,
         method: str,
@@ -182,29 +195,32 @@ class ClipClient:
         request_id = request_id or uuid.uuid4().hex
         all_headers = {**self._headers, REQUEST_ID_HEADER: request_id, **(headers or {})}
         url = self._url(path)
+        started, slept = time.monotonic(), 0.0
         attempt = 0
         while True:
+            waited = max(slept, time.monotonic() - started)
             try:
                 response = self._http.request(method, url, content=content, headers=all_headers)
             except _RETRYABLE_TRANSPORT_ERRORS as exc:
-                if attempt >= self.max_retries:
-                    raise
                 delay = self._delay(attempt, None)
-                logger.warning("%s %s failed (%s); retry %d/%d in %.1fs", method, path, exc, attempt + 1, self.max_retries, delay)
+                if not self._may_retry(attempt, waited, delay):
+                    raise
+                logger.warning("%s %s failed (%s); retry %d in %.1fs (%.0fs waited)", method, path, exc, attempt + 1, delay, waited)
             else:
                 if response.is_success:
                     return response
                 error = self._error(response)
                 retryable = isinstance(error, (NotReadyError, RateLimitedError))
-                if not retryable or attempt >= self.max_retries:
-                    raise error
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 delay = self._delay(attempt, retry_after)
+                if not retryable or not self._may_retry(attempt, waited, delay):
+                    raise error
                 logger.warning(
-                    "%s %s: %d %s; retry %d/%d in %.1fs",
-                    method, path, response.status_code, error.message, attempt + 1, self.max_retries, delay,
+                    "%s %s: %d %s; retry %d in %.1fs (%.0fs waited)",
+                    method, path, response.status_code, error.message, attempt + 1, delay, waited,
                 )  # fmt: skip
             self._sleep(delay)
+            slept += delay
             attempt += 1
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +72,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class ProgressLog:
-    """Appends one JSON line per generation and flushes it, so a killed run keeps its history."""
+    """Appends one JSON line per generation and flushes it, so a killed run keeps its history.
 
-    def __init__(self, path: Path) -> None:
+    The file starts as ``history`` (a resumed run's checkpointed records), so lines written after
+    the last checkpoint, whose generations will run again, are dropped instead of duplicated.
+    """
+
+    def __init__(self, path: Path, history: Sequence[dict[str, Any]] = ()) -> None:
         self._file = path.open("w")
+        for record in history:
+            self._file.write(json.dumps(_clean(record)) + "\n")
+        self._file.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(_clean(record)) + "\n")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,12 @@ from bptvlm.shared.protocol import (
     PROTOCOL_VERSION,
     TEXT_CONTEXT,
     VISUAL_PROMPT,
+    ModelMetadata,
+    Usage,
 )
 
 from .api import ClipClient, InferResult
+from .checkpoint import CHECKPOINT_FILE, Checkpoint, data_fingerprint, load_checkpoint, save_checkpoint
 from .artifacts import PROGRESS_FILE, PROMPTS_FILE, SUMMARY_FILE, ProgressLog, SavedPrompts, load_prompts, save_prompts, write_json
 from .data import TaskLike
 from .projection import PLACEMENTS, PromptProjection
@@ -158,6 +163,9 @@ class RemoteTask:
         if data.val_images is not None and data.val_labels is not None and len(data.val_labels):
             self.splits["val"] = (data.val_images, np.asarray(data.val_labels, dtype=np.int64))
         self.count = QueryCount()
+        self.run_id: str | None = None
+        """With it, a query's request id is ``{run_id}-{tag}``: the same on a retry and when a resumed
+        run sends the same generation again, so a server can answer a duplicate without charging it."""
 
     def labels(self, split: str) -> np.ndarray:
         return self.splits[split][1]
@@ -181,27 +189,31 @@ class RemoteTask:
             params[PARAM_VISUAL_PROMPT_POSITION] = self.config.visual_prompt_position
         return params
 
-    def query(self, split: str, prompts: dict[str, np.ndarray], *, outputs: tuple[str, ...], purpose: str) -> InferResult:
+    def query(
+        self, split: str, prompts: dict[str, np.ndarray], *, outputs: tuple[str, ...], purpose: str, tag: str | None = None
+    ) -> InferResult:
         """One request for a population (P = leading dim of the prompts; 1 without prompts)."""
         pop = next(iter(prompts.values())).shape[0] if prompts else 1
         params = self._parameters(prompts)
+        rid = f"{self.run_id}-{tag}" if self.run_id and tag else None
         try:
-            result = self.client.infer(self._inputs(split, prompts), outputs=outputs, parameters=params)
+            result = self.client.infer(self._inputs(split, prompts), outputs=outputs, parameters=params, request_id=rid)
         except NotFoundError as exc:  # the server forgot the uploaded images (restart, eviction)
             logger.warning("%s; uploading the %s images again", exc.message, split)
-            result = self.client.infer(self._inputs(split, prompts, force_upload=True), outputs=outputs, parameters=params)
+            inputs = self._inputs(split, prompts, force_upload=True)  # a new body, so a new id
+            result = self.client.infer(inputs, outputs=outputs, parameters=params, request_id=rid and f"{rid}-reupload")
         setattr(self.count, purpose, getattr(self.count, purpose) + pop)
         return result
 
-    def losses(self, split: str, prompts: dict[str, np.ndarray], purpose: str = "eval") -> np.ndarray:
+    def losses(self, split: str, prompts: dict[str, np.ndarray], purpose: str = "eval", tag: str | None = None) -> np.ndarray:
         """Loss float32 [P] on a split."""
-        loss = self.query(split, prompts, outputs=(LOSS,), purpose=purpose).loss
+        loss = self.query(split, prompts, outputs=(LOSS,), purpose=purpose, tag=tag).loss
         assert loss is not None
         return loss
 
-    def accuracies(self, split: str, prompts: dict[str, np.ndarray]) -> np.ndarray:
+    def accuracies(self, split: str, prompts: dict[str, np.ndarray], tag: str | None = None) -> np.ndarray:
         """Accuracy [P] on a split (evaluation queries)."""
-        logits = self.query(split, prompts, outputs=(LOGITS,), purpose="eval").logits
+        logits = self.query(split, prompts, outputs=(LOGITS,), purpose="eval", tag=tag).logits
         assert logits is not None
         return accuracy(logits, self.labels(split))
 
@@ -229,7 +241,6 @@ class _Search:
     best_generation: int = -1
     generations: int = 0
     interrupted: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _finite(losses: np.ndarray) -> np.ndarray:
@@ -244,18 +255,27 @@ def _finite(losses: np.ndarray) -> np.ndarray:
 
 
 def _train(
-    task: RemoteTask, projection: PromptProjection, config: TuneConfig, log: ProgressLog, progress: bool, search: _Search
-) -> Any:
-    """Run generations until the budget is spent; update ``search`` as they return; return the optimizer."""
-    opt = make_optimizer(config, projection.dimension)
-    start = time.perf_counter()
-    bar = tqdm(total=config.budget, unit="query", desc="tuning", disable=not (progress and sys.stderr.isatty()))
+    task: RemoteTask,
+    projection: PromptProjection,
+    opt: Any,
+    search: _Search,
+    run: _Checkpointer,
+    log: ProgressLog,
+    progress: bool,
+) -> None:
+    """Run generations until the budget is spent; update ``search`` as they return and checkpoint
+    after each one (so a crash re-asks at most the generation in flight, from the same state)."""
+    config = task.config
+    bar = tqdm(
+        total=config.budget, initial=task.count.train, unit="query", desc="tuning",
+        disable=not (progress and sys.stderr.isatty()),
+    )  # fmt: skip
     try:
         while task.count.train < config.budget:
             n = min(config.popsize, config.budget - task.count.train)
             candidates = [opt.ask() for _ in range(n)]
             z = np.stack([c.value for c in candidates]).astype(np.float32)  # [n, d]
-            losses = _finite(task.losses("train", projection(z), purpose="train"))
+            losses = _finite(task.losses("train", projection(z), purpose="train", tag=f"g{search.generations}"))
             for candidate, loss in zip(candidates, losses):
                 opt.tell(candidate, float(loss))
             i = int(np.argmin(losses))
@@ -267,10 +287,18 @@ def _train(
                 "best_loss": search.best_loss,
                 "mean_loss": float(losses.mean()),
                 "min_loss": float(losses[i]),
-                "wall_s": round(time.perf_counter() - start, 4),
+                "wall_s": round(run.elapsed(), 4),
             }
             log.write(record)
             search.generations += 1
+            run.commit(
+                generation=search.generations,
+                best_loss=search.best_loss,
+                best_z=search.best_z,
+                best_generation=search.best_generation,
+                progress=[*run.state.progress, record],
+                optimizer=pickle.dumps(opt, protocol=pickle.HIGHEST_PROTOCOL),
+            )
             bar.update(n)
             bar.set_postfix(best=f"{search.best_loss:.4f}")
             logger.debug("generation %(generation)d: %(queries)d queries, best %(best_loss).4f", record)
@@ -279,18 +307,57 @@ def _train(
         logger.warning("interrupted after %d training queries; evaluating what was found", task.count.train)
     finally:
         bar.close()
-    return opt
 
 
-def run_tuning(
-    client: ClipClient, data: TaskLike, config: TuneConfig, out_dir: str | Path, progress: bool = True
-) -> dict[str, Any]:
-    """Tune prompts for ``data`` through ``client``; write summary.json, progress.jsonl and
-    prompts.safetensors to ``out_dir``; return the summary."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    usage_before = client.usage
+class _Checkpointer:
+    """The run's checkpoint in memory and on disk. ``commit`` stamps the counters and writes it;
+    ``state`` changes only once the file is written, so an interrupt never leaves a half-updated one."""
+
+    def __init__(self, path: Path, state: Checkpoint, task: RemoteTask) -> None:
+        self.path = path
+        self.state = state
+        self.task = task
+        self._start = time.perf_counter() - state.elapsed_s
+        self._usage_base = Usage.model_validate(state.server_usage) if state.server_usage else Usage()
+        self._usage_before = task.client.usage
+        task.count = QueryCount(train=state.train_queries, eval=state.eval_queries)
+        task.run_id = state.run_id
+
+    def elapsed(self) -> float:
+        """Wall seconds since the run started, over every process that worked on it."""
+        return time.perf_counter() - self._start
+
+    def server_usage(self) -> dict[str, int]:
+        """What the server reported for the run's requests, this process's added to earlier ones'."""
+        now, before = self.task.client.usage.model_dump(), self._usage_before.model_dump()
+        return {k: v + now[k] - before[k] for k, v in self._usage_base.model_dump().items()}
+
+    def commit(self, **changes: Any) -> None:
+        new = replace(
+            self.state,
+            **changes,
+            train_queries=self.task.count.train,
+            eval_queries=self.task.count.eval,
+            server_usage=self.server_usage(),
+            elapsed_s=self.elapsed(),
+        )
+        save_checkpoint(self.path, new)
+        self.state = new
+
+
+@dataclass
+class _Setup:
+    """What a run derives from the server's metadata, the data and the config (fresh or resumed)."""
+
+    metadata: ModelMetadata
+    model_id: str
+    template: Template
+    projection: PromptProjection
+    task: RemoteTask
+    fingerprint: str
+
+
+def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
     metadata = client.model_metadata()
     limits = client.prompt_limits(metadata)
     model_id = str(metadata.parameters.get("model_id", metadata.name))
@@ -307,16 +374,79 @@ def run_tuning(
         visual_prompt_position=config.visual_prompt_position,
     )
     task = RemoteTask(client, data, template, config)
+    fingerprint = data_fingerprint(task.class_names, task.splits)
+    return _Setup(metadata, model_id, template, projection, task, fingerprint)
+
+
+def run_tuning(
+    client: ClipClient,
+    data: TaskLike,
+    config: TuneConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tune prompts for ``data`` through ``client``; write summary.json, progress.jsonl,
+    prompts.safetensors and (every generation) checkpoint.pkl to ``out_dir``; return the summary.
+
+    ``extra`` (JSON-like) is kept in the checkpoint for whoever resumes the run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / CHECKPOINT_FILE).exists():
+        logger.warning("%s holds an earlier run's checkpoint; starting a new run over it (--resume continues one)", out)
+    setup = _setup(client, data, config)
+    opt = make_optimizer(config, setup.projection.dimension)
+    state = Checkpoint(
+        config=asdict(config),
+        run_id=uuid.uuid4().hex,
+        model_id=setup.model_id,
+        data_fingerprint=setup.fingerprint,
+        template=setup.template.text,
+        optimizer=pickle.dumps(opt, protocol=pickle.HIGHEST_PROTOCOL),
+        extra=dict(extra or {}),
+    )
+    return _execute(setup, out, state, progress)
+
+
+def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Continue the run checkpointed in ``out_dir`` (same config, same total budget) and return its
+    summary, which equals an uninterrupted run's but for ``wall_s``. A finished run is not touched:
+    its summary comes back without a query. ``CheckpointError`` if the model or data differ."""
+    out = Path(out_dir)
+    state = load_checkpoint(out / CHECKPOINT_FILE)
+    if state.done and state.summary is not None:
+        logger.info("the run in %s is finished; nothing to resume", out)
+        return state.summary
+    setup = _setup(client, data, TuneConfig(**state.config))
+    state.check(model_id=setup.model_id, data_fingerprint=setup.fingerprint, template=setup.template.text)
+    logger.info(
+        "resuming %s at generation %d: %d of %d training queries spent",
+        out, state.generation, state.train_queries, setup.task.config.budget,
+    )  # fmt: skip
+    return _execute(setup, out, state, progress)
+
+
+def _execute(setup: _Setup, out: Path, state: Checkpoint, progress: bool) -> dict[str, Any]:
+    """Train from ``state`` to the budget, evaluate, write the outputs; checkpoint all along."""
+    task, projection, template, config = setup.task, setup.projection, setup.template, setup.task.config
+    run = _Checkpointer(out / CHECKPOINT_FILE, state, task)
+    run.commit()
     logger.info(
         "tuning %s on %s: %d classes, %d train images, budget %d, %s popsize %d, z in R^%d",
-        config.variant, model_id, len(task.class_names), len(task.labels("train")),
+        config.variant, setup.model_id, len(task.class_names), len(task.labels("train")),
         config.budget, config.optimizer, config.popsize, projection.dimension,
     )  # fmt: skip
     zero = np.zeros((1, projection.dimension), dtype=np.float32)
-    initial_loss = float(task.losses("train", projection(zero))[0])
+    if run.state.initial_loss is None:
+        run.commit(initial_loss=float(task.losses("train", projection(zero), tag="initial")[0]))
+    initial_loss = run.state.initial_loss
+    assert initial_loss is not None
+    d_text, d_vision = config.dims()
     meta = {
-        "model": model_id,
-        "model_name": metadata.name,
+        "model": setup.model_id,
+        "model_name": setup.metadata.name,
         "template": template.text,
         "context_init": template.prefix,
         "class_names": task.class_names,
@@ -325,10 +455,12 @@ def run_tuning(
         **{k: v for k, v in asdict(config).items() if k != "template"},
         **projection.config(),
     }
-    search = _Search()
-    log = ProgressLog(out / PROGRESS_FILE)
+    s = run.state
+    search = _Search(best_loss=s.best_loss, best_z=s.best_z, best_generation=s.best_generation, generations=s.generation)
+    opt = s.load_optimizer()
+    log = ProgressLog(out / PROGRESS_FILE, history=s.progress)  # drops lines written after the checkpoint
     try:
-        opt = _train(task, projection, config, log, progress, search)
+        _train(task, projection, opt, search, run, log, progress)
     except BudgetExhaustedError:
         logger.error("the server's budget for this key is spent after %d training queries", task.count.train)
         if search.best_z is not None:  # keep what was paid for
@@ -343,17 +475,16 @@ def run_tuning(
     result = _select_and_test(task, projection, search, opt)
     _save(out, projection, result.pop("_z"), {**meta, "selected": result["selected"]})
 
-    server_usage = {k: v - getattr(usage_before, k) for k, v in client.usage.model_dump().items()}
     summary = {
         **asdict(config),
         "template": template.text,
         "context_init": template.prefix,
         "d_text": d_text,
         "d_vision": d_vision,
-        "model": model_id,
-        "model_name": metadata.name,
-        "model_versions": metadata.versions,
-        "endpoint": client.endpoint,
+        "model": setup.model_id,
+        "model_name": setup.metadata.name,
+        "model_versions": setup.metadata.versions,
+        "endpoint": task.client.endpoint,
         "class_names": task.class_names,
         "num_train": len(task.labels("train")),
         "num_val": len(task.labels("val")) if "val" in task.splits else 0,
@@ -366,10 +497,13 @@ def run_tuning(
         **result,
         "train_queries": task.count.train,
         "eval_queries": task.count.eval,
-        "server_usage": server_usage,
-        "wall_s": round(time.perf_counter() - start, 3),
+        "server_usage": run.server_usage(),
+        "wall_s": round(run.elapsed(), 3),
     }
     write_json(out / SUMMARY_FILE, summary)
+    # an interrupted run keeps its last generation's optimizer and can be resumed; its evaluation
+    # queries were spent all the same, so the counters move on
+    run.commit(done=not search.interrupted, summary=None if search.interrupted else summary)
     logger.info(
         "zero-shot %.4f -> tuned %.4f test accuracy; train loss %.4f -> %.4f in %d queries (+%d for evaluation)",
         summary["zero_shot_accuracy"], summary["test_accuracy"], initial_loss, search.best_loss,
@@ -389,6 +523,7 @@ def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Se
     loss when there is a validation split, else by training loss); test both and zero-shot."""
     assert search.best_z is not None
     rec_z = np.asarray(opt.provide_recommendation().value, dtype=np.float32)
+    at = f"g{search.generations}"  # request-id tags: the same state asks the same questions
     out: dict[str, Any] = {}
     names = ["best"]
     zs = [search.best_z]
@@ -396,23 +531,23 @@ def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Se
     if not np.array_equal(rec_z, search.best_z):
         names.append("recommendation")
         zs.append(rec_z)
-        train_losses.append(float(task.losses("train", projection(rec_z[None, :]))[0]))
+        train_losses.append(float(task.losses("train", projection(rec_z[None, :]), tag=f"{at}-rec-train")[0]))
     out["recommendation_train_loss"] = train_losses[-1]
     z = np.stack(zs)  # [1 or 2, d]
     prompts = projection(z)
     if "val" in task.splits:
-        scores = task.losses("val", prompts).astype(float).tolist()
+        scores = task.losses("val", prompts, tag=f"{at}-val").astype(float).tolist()
         out["selected_by"] = "val_loss"
         out["val_loss_best"], out["val_loss_recommendation"] = scores[0], scores[-1]
     else:
         scores = train_losses
         out["selected_by"] = "train_loss"
     pick = int(np.argmin(scores))
-    acc = task.accuracies("test", prompts).astype(float).tolist()
+    acc = task.accuracies("test", prompts, tag=f"{at}-test").astype(float).tolist()
     out["test_accuracy_best"], out["test_accuracy_recommendation"] = acc[0], acc[-1]
     out["selected"] = names[pick]
     out["test_accuracy"] = acc[pick]
-    out["zero_shot_accuracy"] = float(task.accuracies("test", {})[0])
+    out["zero_shot_accuracy"] = float(task.accuracies("test", {}, tag=f"{at}-zero-shot")[0])
     out["_z"] = zs[pick]
     return out
 
