@@ -12,52 +12,6 @@ import sys
 from collections.abc import Sequence
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from bptvlm.server.app import create_app
-    from bptvlm.server.config import Settings
-
-    overrides = {
-        "model": args.model,
-        "model_name": args.model_name,
-        "device": args.device,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "api_keys": tuple(args.api_key) or None,
-        "quota": args.quota,
-        "max_batch_images": args.max_batch_images,
-    }
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
-    if not settings.api_keys:
-        logging.getLogger("bptvlm").warning("OPEN MODE: no API keys configured, every caller is 'anonymous'")
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower())
-    return 0
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="run the inference server (provider side)",
-        description="Serve a frozen CLIP over the Open Inference Protocol (KServe V2). Clients send prompt "
-        "tensors and images and get back only loss and logits. Unset flags fall back to BPTVLM_* "
-        "environment variables (e.g. BPTVLM_MODEL), then to the defaults.",
-    )
-    p.add_argument("--model", help="'tiny-random' (default; random weights, for tests), 'embedded' (the project's "
-                   "own small pretrained CLIP), a local save_pretrained CLIP directory, or a Hugging Face hub id")
-    p.add_argument("--model-name", help="name under /v2/models/ (default: clip)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (half types: GPU only)")
-    p.add_argument("--seed", type=int, help="seed of the tiny-random weights")
-    p.add_argument("--api-key", action="append", default=[], help="accept this bearer token (repeatable); none = open mode")
-    p.add_argument("--quota", type=int, help="candidates each key may evaluate (default unlimited)")
-    p.add_argument("--max-batch-images", type=int, help="images through the vision tower at once (memory bound)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.set_defaults(func=_serve)
-
-
 def _perf(args: argparse.Namespace) -> int:
     from bptvlm.perf import run
 
@@ -94,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluated candidate.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_serve(sub)
+    from bptvlm.server.cli import add_commands as add_server_commands
+
+    add_server_commands(sub)
     from bptvlm.client.cli import add_commands as add_client_commands
 
     add_client_commands(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,9 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bptvlm.shared.errors import BptvlmError, NotReadyError, RateLimitedError
 
 from .config import Settings
+from .admission import RateLimiter
+from .ledger import Ledger, hash_token
+from .observability import Metrics, request_context
 from .loading import load_model
 from .model import PromptedCLIP
-from .routes import router
+from .routes import ANONYMOUS, router
 from .service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_service(settings: Settings) -> InferenceService:
+def open_ledger(settings: Settings) -> Ledger:
+    """The ledger of ``settings.ledger`` (or one in memory), with the --api-key tokens and 'anonymous' in it."""
+    ledger = Ledger(settings.ledger)
+    known = {k.name for k in ledger.keys()}
+    for i, token in enumerate(settings.api_keys):
+        if ledger.authenticate(token) is None:
+            ledger.create_key(f"token-{i}-{hash_token(token)[:8]}", quota=settings.quota,
+                              requests_per_minute=settings.requests_per_minute, token=token)
+    if settings.open_mode and ANONYMOUS not in known:
+        ledger.create_key(ANONYMOUS, quota=settings.quota, requests_per_minute=settings.requests_per_minute,
+                          token=secrets.token_hex(16))
+    return ledger
+
+
+def build_service(settings: Settings, ledger: Ledger | None = None) -> InferenceService:
     """Load the model, check one tiny forward pass, and wrap it in the service layer."""
     device = resolve_device(settings.device)
     dtype = _DTYPES[settings.dtype]
@@ -44,7 +62,7 @@ def build_service(settings: Settings) -> InferenceService:
     probe = model.encode_images(model.preprocess(np.zeros((1, size, size, 3), np.uint8)))
     model.logits(probe, model.encode_text(model.tokenize(["a probe."])))
     log.info("serving %s on %s (%s): %s", loaded.model_id, device, settings.dtype, model.limits)
-    return InferenceService(model, settings)
+    return InferenceService(model, settings, ledger or open_ledger(settings))
 
 
 def _error_response(exc: BptvlmError) -> JSONResponse:
@@ -60,9 +78,14 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if app.state.service is None:
+        if settings.open_mode:
+            log.warning("OPEN MODE: no ledger and no API keys; every caller is 'anonymous'")
+        built = app.state.service is None
+        if built:
             app.state.service = build_service(settings)
         yield
+        if built and app.state.service is not None:  # an injected service belongs to the caller
+            app.state.service.ledger.close()
 
     app = FastAPI(
         title="bptvlm",
@@ -72,6 +95,9 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     )
     app.state.settings = settings
     app.state.service = service
+    app.state.limiter = RateLimiter()
+    app.state.metrics = Metrics()
+    app.middleware("http")(request_context)
     app.include_router(router)
 
     @app.exception_handler(BptvlmError)

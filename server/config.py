@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -22,8 +23,17 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = Field(default=0, description="seed of the tiny-random model's weights")
 
-    api_keys: tuple[str, ...] = Field(default=(), description="accepted bearer tokens; empty = open local mode")
-    quota: int | None = Field(default=None, ge=0, description="candidates each key may evaluate; None = unlimited")
+    ledger: Path | None = Field(
+        default=None, description="SQLite ledger of keys and usage (`bptvlm keys create`); None = in memory"
+    )
+    api_keys: tuple[str, ...] = Field(default=(), description="extra bearer tokens accepted (e.g. from the env)")
+    quota: int | None = Field(default=None, ge=0, description="candidates each --api-key token (or anonymous) may use")
+    requests_per_minute: int | None = Field(default=None, gt=0, description="rate limit of those tokens")
+
+    max_queue: int = Field(default=64, ge=0, description="requests waiting for the model before 503 + Retry-After")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for the model before 504")
+    reply_ttl_s: float = Field(default=600.0, ge=0, description="how long a reply is kept for retried request ids")
+    reply_cache_bytes: int = Field(default=256 * 2**20, gt=0)
 
     max_body_bytes: int = Field(default=256 * 2**20, gt=0)
     max_population: int = Field(default=1024, gt=0)
@@ -36,6 +46,11 @@ class Settings(BaseSettings):
     text_cache_bytes: int = Field(
         default=64 * 2**20, gt=0, description="byte cap of the unprompted text-feature LRU (per class-name set)"
     )
+
+    @property
+    def open_mode(self) -> bool:
+        """No ledger and no tokens: every caller is 'anonymous' (local demos)."""
+        return self.ledger is None and not self.api_keys
 
     @field_validator("device")
     @classmethod

@@ -2,22 +2,48 @@
 
 from __future__ import annotations
 
-import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from bptvlm.shared import protocol as p
 from bptvlm.shared.errors import AuthError, NotFoundError, NotReadyError, PayloadTooLargeError
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_request, encode_response
 
+from .ledger import KeyRecord
 from .service import InferenceService
 
 router = APIRouter()
 
 ANONYMOUS = "anonymous"
+
+
+def _inline_refs(schema: Any, defs: dict[str, Any] | None = None) -> Any:
+    """A pydantic JSON schema with its ``$defs`` substituted in place (for openapi_extra)."""
+    if defs is None:
+        defs = schema.pop("$defs", {}) if isinstance(schema, dict) else {}
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline_refs(dict(defs[schema["$ref"].rsplit("/", 1)[-1]]), defs)
+        return {k: _inline_refs(v, defs) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_inline_refs(v, defs) for v in schema]
+    return schema
+
+
+# The body is read raw (JSON, or binary with a JSON header), so document it by hand: the JSON form.
+_V2_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _inline_refs(p.InferenceRequest.model_json_schema())},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 def get_service(request: Request) -> InferenceService:
@@ -27,19 +53,27 @@ def get_service(request: Request) -> InferenceService:
     return service
 
 
-def get_api_key(request: Request) -> str:
-    """The caller's key; in open mode (no keys configured) everyone is 'anonymous'."""
-    keys = request.app.state.settings.api_keys
-    if not keys:
-        return ANONYMOUS
+def get_api_key(request: Request, service: Annotated[InferenceService, Depends(get_service)]) -> KeyRecord:
+    """The caller's key from ``Authorization: Bearer <token>``; in open mode everyone is 'anonymous'."""
+    if request.app.state.settings.open_mode:
+        return service.ledger.key(ANONYMOUS)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-    for key in keys:
-        if hmac.compare_digest(key.encode(), token.encode()):
-            return key
-    raise AuthError("unknown API key")
+    key = service.ledger.authenticate(token.strip())
+    if key is None:
+        raise AuthError("unknown API key")
+    return key
+
+
+def rate_limit(request: Request, response: Response, key: Annotated[KeyRecord, Depends(get_api_key)]) -> KeyRecord:
+    """Spend one of the key's requests per minute (if it has a limit); headers tell what is left."""
+    per_minute = key.requests_per_minute or request.app.state.settings.requests_per_minute
+    if per_minute:
+        state = request.app.state.limiter.take(key.id, per_minute)
+        request.state.rate_headers = state.headers()
+    return key
 
 
 def get_model_service(model_name: str, service: Annotated[InferenceService, Depends(get_service)],
@@ -51,7 +85,8 @@ def get_model_service(model_name: str, service: Annotated[InferenceService, Depe
 
 
 Service = Annotated[InferenceService, Depends(get_model_service)]
-ApiKey = Annotated[str, Depends(get_api_key)]
+ApiKey = Annotated[KeyRecord, Depends(get_api_key)]
+LimitedKey = Annotated[KeyRecord, Depends(rate_limit)]
 
 
 async def _read_body(request: Request) -> bytes:
@@ -76,7 +111,8 @@ def live() -> dict[str, bool]:
 @router.get("/v2/health/ready")
 def ready(request: Request) -> JSONResponse:
     """Ready once the model is loaded and a forward pass succeeded."""
-    is_ready = request.app.state.service is not None
+    service = request.app.state.service
+    is_ready = service is not None and service.healthy
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
@@ -86,10 +122,22 @@ def server_metadata() -> p.ServerMetadata:
     return p.ServerMetadata(name="bptvlm", version="0.1.0", extensions=["binary_tensor_data", "image_upload"])
 
 
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format: requests by status, candidates by key, latencies, queue, cache hits."""
+    m, service = request.app.state.metrics, request.app.state.service
+    if service is not None:
+        m.queue_depth.set(service.admission.waiting)
+        for name, (hits, misses) in service.cache_stats().items():
+            m.cache_hits.labels(name).set(hits)
+            m.cache_misses.labels(name).set(misses)
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 @router.get("/v2/usage", response_model=p.UsageReport)
 def usage(service: Annotated[InferenceService, Depends(get_service)], key: ApiKey) -> p.UsageReport:
     """What the caller's key has been charged so far, and what remains of its quota."""
-    return p.UsageReport(usage=service.meter.usage(key), remaining=service.meter.remaining(key))
+    return p.UsageReport(usage=service.ledger.usage(key), remaining=service.ledger.remaining(key))
 
 
 @router.get("/v2/models/{model_name}", response_model=p.ModelMetadata)
@@ -118,27 +166,36 @@ def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMet
     )
 
 
-@router.post("/v2/models/{model_name}/images", response_model=p.ImageUploadResponse)
-async def upload_images(request: Request, service: Service, key: ApiKey) -> p.ImageUploadResponse:
+@router.post("/v2/models/{model_name}/images", response_model=p.ImageUploadResponse, openapi_extra=_V2_BODY)
+async def upload_images(request: Request, service: Service, key: LimitedKey) -> p.ImageUploadResponse:
     """Store an image batch (input 'images', UINT8 [N, H, W, 3]); returns its content-hash id."""
     body = await _read_body(request)
     _, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
     return await run_in_threadpool(service.upload, arrays)
 
 
-@router.post("/v2/models/{model_name}/infer")
-async def infer(model_name: str, request: Request, service: Service, key: ApiKey) -> Response:
+@router.post("/v2/models/{model_name}/infer", openapi_extra=_V2_BODY)
+async def infer(model_name: str, request: Request, service: Service, key: LimitedKey) -> Response:
     """Loss [P] and/or logits [P, N, C] for a population of prompts; one query per candidate."""
     body = await _read_body(request)
     req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
     result = await run_in_threadpool(service.infer, req, arrays, key)
+    metrics = request.app.state.metrics
+    if not result.replayed:
+        metrics.candidates.labels(key.name).inc(result.usage.candidates)
+        metrics.queue_wait.observe(result.queue_s)
+        metrics.inference.observe(result.forward_s)
     binary_all = bool((req.parameters or {}).get("binary_data_output", False))
     binary = {o.name: binary_all or bool((o.parameters or {}).get("binary_data", False)) for o in req.outputs or []}
     for name in result.outputs:
         binary.setdefault(name, binary_all)
-    parameters = {"usage": result.usage.model_dump(), "usage_total": service.meter.usage(key).model_dump()}
-    remaining = service.meter.remaining(key)
-    headers = {} if remaining is None else {"X-Query-Budget-Remaining": str(remaining)}
+    parameters = {"usage": result.usage.model_dump(), "usage_total": service.ledger.usage(key).model_dump()}
+    headers = dict(getattr(request.state, "rate_headers", {}))
+    remaining = service.ledger.remaining(key)
+    if remaining is not None:
+        headers["X-Query-Budget-Remaining"] = str(remaining)
+    if result.replayed:
+        headers["X-Idempotent-Replay"] = "true"
     response = p.InferenceResponse(model_name=model_name, model_version="1", id=req.id, parameters=parameters, outputs=[])
     content, content_headers = encode_response(response, result.outputs, binary)
     return Response(content=content, headers={**content_headers, **headers})

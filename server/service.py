@@ -7,7 +7,9 @@ arrays by output name. Every rejection is an ``InvalidTensorError`` (422) or ano
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,14 +17,17 @@ import numpy as np
 import torch
 
 from bptvlm.shared import protocol as p
-from bptvlm.shared.errors import InvalidTensorError, PayloadTooLargeError, ProtocolError
+from bptvlm.shared.errors import InvalidTensorError, NotReadyError, PayloadTooLargeError, ProtocolError
 from bptvlm.shared.tensors import datatype_of
 
 from .config import Settings
+from .admission import Admission
 from .cache import ByteLRU
 from .images import ImageBatch, ImageStore
-from .metering import UsageMeter
+from .ledger import KeyRecord, Ledger
 from .model import PromptedCLIP, loss_per_candidate
+
+log = logging.getLogger(__name__)
 
 # Accepted datatypes and ranks of every input.
 _INPUT_TYPES: dict[str, tuple[tuple[str, ...], int]] = {
@@ -39,6 +44,23 @@ _INPUT_TYPES: dict[str, tuple[tuple[str, ...], int]] = {
 class InferenceResult:
     outputs: dict[str, np.ndarray]
     usage: p.Usage
+    replayed: bool = False  # answered from the idempotency cache, charged nothing this time
+    queue_s: float = 0.0  # waiting for the model
+    forward_s: float = 0.0  # running it
+
+
+@dataclass
+class _Plan:
+    """A validated request: everything the forward needs."""
+
+    population: int
+    batch: ImageBatch
+    class_texts: list[str]
+    context: np.ndarray | None
+    prompt: np.ndarray | None
+    labels: np.ndarray | None
+    wanted: set[str]
+    params: dict[str, Any]
 
 
 def _describe(array: np.ndarray) -> str:
@@ -87,19 +109,26 @@ def _texts(array: np.ndarray, name: str) -> list[str]:
 
 
 class InferenceService:
-    """Validate, meter, forward. One model, forwards serialised by a lock (one device)."""
+    """Validate, meter, forward. One model; forwards take turns through ``Admission``."""
 
-    def __init__(self, model: PromptedCLIP, settings: Settings, meter: UsageMeter | None = None) -> None:
+    def __init__(self, model: PromptedCLIP, settings: Settings, ledger: Ledger | None = None) -> None:
         self.model = model
         self.settings = settings
         self.limits = model.limits
+        self.ledger = ledger or Ledger()
         self.images = ImageStore(settings.image_cache_bytes)
         # Unprompted text features [1, C, E] per class-text set: vision-only tuning runs the text tower once.
         self.text_features: ByteLRU[tuple[str, ...], torch.Tensor] = ByteLRU(
             settings.text_cache_bytes, lambda t: t.numel() * t.element_size()
         )
-        self.meter = meter or UsageMeter(settings.quota)
-        self._forward_lock = threading.Lock()
+        self.admission = Admission(settings.max_queue, settings.request_timeout_s)
+        # Idempotency: (key id, request id) -> (result, time answered).
+        self._replies: ByteLRU[tuple[int, str], tuple[InferenceResult, float]] = ByteLRU(
+            settings.reply_cache_bytes, lambda r: sum(a.nbytes for a in r[0].outputs.values()) + 256
+        )
+        self._in_flight: dict[tuple[int, str], threading.Event] = {}
+        self._in_flight_lock = threading.Lock()
+        self.healthy = True  # False after a forward failed for want of memory, until one succeeds
 
     # --- uploads ---------------------------------------------------------------------------------
 
@@ -135,8 +164,59 @@ class InferenceService:
 
     # --- inference -------------------------------------------------------------------------------
 
-    def infer(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: str) -> InferenceResult:
-        """Score every candidate of the request; charge ``key`` one query per candidate."""
+    def infer(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord) -> InferenceResult:
+        """Score every candidate of the request; charge ``key`` one query per candidate, exactly once.
+
+        A request whose id this key already sent is answered from the reply cache, uncharged.
+        """
+        if not request.id:
+            return self._infer_once(request, arrays, key)
+        slot = (key.id, request.id)
+        while True:
+            replay = self._replay(slot)
+            if replay is not None:
+                return replay
+            with self._in_flight_lock:
+                event = self._in_flight.get(slot)
+                if event is None:
+                    self._in_flight[slot] = threading.Event()
+                    break
+            event.wait(self.settings.request_timeout_s)  # the same request is running: wait for its answer
+        try:
+            result = self._infer_once(request, arrays, key)
+            self._replies.put(slot, (result, time.monotonic()))
+            return result
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(slot).set()
+
+    def _replay(self, slot: tuple[int, str]) -> InferenceResult | None:
+        found = self._replies.get(slot)
+        if found is None or time.monotonic() - found[1] > self.settings.reply_ttl_s:
+            return None
+        return InferenceResult(found[0].outputs, found[0].usage, replayed=True)
+
+    def cache_stats(self) -> dict[str, tuple[int, int]]:
+        """(hits, misses) of each cache."""
+        caches = {"images": self.images.lru, "text_features": self.text_features, "replies": self._replies}
+        return {name: (c.hits, c.misses) for name, c in caches.items()}
+
+    def _infer_once(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord) -> InferenceResult:
+        plan = self._plan(request, arrays)
+        reservation = self.ledger.reserve(key, plan.population)
+        try:
+            with self.admission.slot() as queue_s:
+                start = time.perf_counter()
+                outputs, forwards = self._run(plan)
+                forward_s = time.perf_counter() - start
+        except BaseException:
+            self.ledger.release(reservation)
+            raise
+        self.ledger.commit(reservation, forwards)
+        usage = p.Usage(candidates=plan.population, requests=1, image_forwards=forwards)
+        return InferenceResult(outputs, usage, queue_s=queue_s, forward_s=forward_s)
+
+    def _plan(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray]) -> _Plan:
         unknown = sorted(set(arrays) - set(p.INPUT_NAMES))
         if unknown:
             raise InvalidTensorError(f"unknown input {unknown[0]!r}; inputs are {', '.join(p.INPUT_NAMES)}")
@@ -144,7 +224,9 @@ class InferenceService:
         context = _finite_prompt(arrays, p.TEXT_CONTEXT, lim.text_width, lim.max_text_context)
         prompt = _finite_prompt(arrays, p.VISUAL_PROMPT, lim.vision_width, lim.max_visual_prompt)
         if context is not None and context.shape[1] < 1:
-            raise InvalidTensorError(f"input '{p.TEXT_CONTEXT}': needs at least one context vector, received {_describe(context)}")
+            raise InvalidTensorError(
+                f"input '{p.TEXT_CONTEXT}': needs at least one context vector, received {_describe(context)}"
+            )
         pops = {a.shape[0] for a in (context, prompt) if a is not None}
         if len(pops) > 1:
             raise InvalidTensorError(
@@ -164,18 +246,33 @@ class InferenceService:
         labels = self._labels(arrays, batch.num_images, len(class_texts))
         wanted = self._outputs(request, labels is not None)
         params = self._parameters(request.parameters or {}, context)
+        return _Plan(population, batch, class_texts, context, prompt, labels, wanted, params)
 
-        with self.meter.charge(key, population) as usage, self._forward_lock:
-            logits, usage.image_forwards = self._forward(batch, class_texts, context, prompt, params)
-            outputs: dict[str, np.ndarray] = {}
-            if p.LOSS in wanted:
-                assert labels is not None
-                loss = loss_per_candidate(logits, torch.from_numpy(labels.astype(np.int64)), params["loss"],
-                                          params["focal_gamma"])
-                outputs[p.LOSS] = loss.cpu().numpy().astype(np.float32)
-            if p.LOGITS in wanted:
-                outputs[p.LOGITS] = logits.float().cpu().numpy()
-        return InferenceResult(outputs, usage)
+    def _run(self, plan: _Plan) -> tuple[dict[str, np.ndarray], int]:
+        """Forward with out-of-memory recovery: free the cache, halve the micro-batch, try again."""
+        model = self.model
+        while True:
+            try:
+                logits, forwards = self._forward(plan.batch, plan.class_texts, plan.context, plan.prompt, plan.params)
+                break
+            except torch.OutOfMemoryError:
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if model.max_batch_images <= 1:
+                    self.healthy = False
+                    raise NotReadyError("out of memory even one image at a time; the server is not ready", 5.0) from None
+                model.max_batch_images = max(1, model.max_batch_images // 2)
+                log.warning("out of memory: micro-batch halved to %d images", model.max_batch_images)
+        self.healthy = True
+        outputs: dict[str, np.ndarray] = {}
+        if p.LOSS in plan.wanted:
+            assert plan.labels is not None
+            labels = torch.from_numpy(plan.labels.astype(np.int64)).to(logits.device)
+            loss = loss_per_candidate(logits, labels, plan.params["loss"], plan.params["focal_gamma"])
+            outputs[p.LOSS] = loss.cpu().numpy().astype(np.float32)
+        if p.LOGITS in plan.wanted:
+            outputs[p.LOGITS] = logits.float().cpu().numpy()
+        return outputs, forwards
 
     def _forward(
         self,

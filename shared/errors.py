@@ -8,7 +8,8 @@
     ├── NotFoundError (LookupError)         404  unknown model or image batch
     ├── RateLimitedError                    429  too many requests now (carries ``retry_after``)
     ├── BudgetExhaustedError                429  the key's query budget is spent (no Retry-After)
-    └── NotReadyError                       503  model not loaded or server overloaded
+    ├── NotReadyError                       503  model not loaded or server overloaded (carries ``retry_after``)
+    └── GatewayTimeoutError                 504  the request waited too long for the model
 
 The server maps each class to its status in one exception handler; the client maps a status back
 to the class, so both sides raise the same exceptions with the server's message.
@@ -67,6 +68,10 @@ class NotReadyError(BptvlmError):
         self.retry_after = retry_after
 
 
+class GatewayTimeoutError(BptvlmError):
+    status_code = 504
+
+
 def error_from_status(status: int, message: str, retry_after: float | None = None) -> BptvlmError:
     """The exception a client raises for an error response (status, ``{"error": message}``)."""
     if status == 429:
@@ -82,6 +87,7 @@ def error_from_status(status: int, message: str, retry_after: float | None = Non
         404: NotFoundError,
         413: PayloadTooLargeError,
         422: InvalidTensorError,
+        504: GatewayTimeoutError,
     }
     cls = by_status.get(status, BptvlmError)
     err = cls(message)

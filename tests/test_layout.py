@@ -115,6 +115,6 @@ def test_the_command_line_loads_no_server_or_model_code() -> None:
     import sys
 
     code = ("import sys, bptvlm.cli; bptvlm.cli.build_parser(); "
-            "print(sorted(m for m in ('torch', 'transformers', 'bptvlm.server') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'bptvlm.server.model') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,6 +8,7 @@ import torch
 
 from bptvlm.server.cache import ByteLRU
 from bptvlm.server.config import Settings
+from bptvlm.server.ledger import KeyRecord
 from bptvlm.server.model import PromptedCLIP
 from bptvlm.server.service import InferenceService
 from bptvlm.shared.protocol import InferenceRequest, RequestedOutput
@@ -28,15 +29,21 @@ def service(tiny_model: PromptedCLIP) -> InferenceService:
     return InferenceService(tiny_model, Settings(device="cpu"))
 
 
+def _key(service: InferenceService) -> KeyRecord:
+    if not service.ledger.has_keys():
+        service.ledger.create_key("k")
+    return service.ledger.key("k")
+
+
 def _logits(service: InferenceService, arrays: dict) -> np.ndarray:
-    return service.infer(_request(), arrays, "k").outputs["logits"]
+    return service.infer(_request(), arrays, _key(service)).outputs["logits"]
 
 
 def test_text_only_reuses_image_features(service: InferenceService, tiny_model: PromptedCLIP) -> None:
     ctx = np.random.default_rng(0).normal(0, 0.02, (3, 4, 32)).astype(np.float32)
     arrays = {"text_context": ctx, "images": _images(0), "class_names": NAMES}
-    first = service.infer(_request(), arrays, "k")
-    second = service.infer(_request(), arrays, "k")
+    first = service.infer(_request(), arrays, _key(service))
+    second = service.infer(_request(), arrays, _key(service))
     assert (first.usage.image_forwards, second.usage.image_forwards) == (4, 0)  # the second hit the cache
     np.testing.assert_array_equal(first.outputs["logits"], second.outputs["logits"])
     pixels = tiny_model.preprocess(_images(0))

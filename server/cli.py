@@ -1,0 +1,124 @@
+"""Provider-side commands: ``bptvlm serve`` and ``bptvlm keys``. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .config import Settings
+    from .observability import configure_json_logging
+
+    overrides = {
+        "model": args.model,
+        "model_name": args.model_name,
+        "device": args.device,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "ledger": args.ledger,
+        "api_keys": tuple(args.api_key) or None,
+        "quota": args.quota,
+        "requests_per_minute": args.requests_per_minute,
+        "max_batch_images": args.max_batch_images,
+        "max_queue": args.max_queue,
+        "request_timeout_s": args.request_timeout,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
+    if args.json_logs:
+        configure_json_logging(args.log_level)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=args.drain_seconds, log_config=None if args.json_logs else uvicorn.config.LOGGING_CONFIG)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the inference server (provider side)",
+        description="Serve a frozen CLIP over the Open Inference Protocol (KServe V2). Clients send prompt "
+        "tensors and images and get back only loss and logits. Without --ledger and --api-key the server "
+        "runs in open local mode (no keys; it says so at start-up). Unset flags fall back to BPTVLM_* "
+        "environment variables (e.g. BPTVLM_MODEL, BPTVLM_API_KEYS='[\"tok\"]'), then to the defaults.",
+    )
+    p.add_argument("--model", help="'tiny-random' (default; random weights, for tests), 'embedded' (the project's "
+                   "own small pretrained CLIP), 'random-vit-b32' (random weights in the real ViT-B/32 shape), "
+                   "a local save_pretrained CLIP directory, or a Hugging Face hub id")
+    p.add_argument("--model-name", help="name under /v2/models/ (default: clip)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (half types: GPU only)")
+    p.add_argument("--seed", type=int, help="seed of the random-weight models")
+    p.add_argument("--ledger", type=Path, help="SQLite ledger of API keys and usage (see `bptvlm keys`); "
+                   "keys are enforced and usage survives restarts")
+    p.add_argument("--api-key", action="append", default=[], help="also accept this bearer token (repeatable)")
+    p.add_argument("--quota", type=int, help="candidates each --api-key token may evaluate (default unlimited)")
+    p.add_argument("--requests-per-minute", type=int, help="rate limit of each --api-key token")
+    p.add_argument("--max-batch-images", type=int, help="images through the vision tower at once (memory bound)")
+    p.add_argument("--max-queue", type=int, help="requests allowed to wait for the model before 503 (default 64)")
+    p.add_argument("--request-timeout", type=float, help="seconds a request may wait for the model before 504")
+    p.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, finish in-flight requests this long")
+    p.add_argument("--json-logs", action="store_true", help="structured JSON log lines with request ids")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_serve)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+
+    ledger = Ledger(args.ledger)
+    try:
+        if args.keys_command == "create":
+            token = ledger.create_key(args.name, quota=args.quota, requests_per_minute=args.requests_per_minute)
+            print(token)
+            print(f"key {args.name!r} created; the token above is shown only now", file=sys.stderr)
+        elif args.keys_command == "revoke":
+            ledger.revoke(args.name)
+            print(f"key {args.name!r} revoked")
+        elif args.keys_command == "list":
+            for k in ledger.keys():
+                quota = "unlimited" if k.quota is None else k.quota
+                rpm = "-" if k.requests_per_minute is None else k.requests_per_minute
+                print(f"{k.name}\tquota={quota}\trpm={rpm}\t{'revoked' if k.revoked else 'active'}")
+        else:  # usage
+            keys = [ledger.key(args.name)] if args.name else ledger.keys()
+            rows = {k.name: {**ledger.usage(k).model_dump(), "remaining": ledger.remaining(k)} for k in keys}
+            print(json.dumps(rows, indent=2))
+    except (KeyError, ValueError) as exc:
+        print(f"bptvlm keys: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.close()
+    return 0
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="manage API keys and quotas in a ledger (provider side)",
+                       description="API keys live hashed in a SQLite ledger together with what each has been "
+                       "charged. `bptvlm serve --ledger PATH` enforces them.")
+    ks = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    create = ks.add_parser("create", help="add a key and print its token once",
+                           description="Add a key; its token is printed once (only a hash is stored).")
+    create.add_argument("--name", required=True)
+    create.add_argument("--quota", type=int, help="candidates (queries) this key may evaluate; default unlimited")
+    create.add_argument("--requests-per-minute", type=int, help="rate limit; default unlimited")
+    revoke = ks.add_parser("revoke", help="refuse a key from now on", description="Refuse a key from now on.")
+    revoke.add_argument("name")
+    ks.add_parser("list", help="one key a line", description="List keys with quota, rate limit and state.")
+    usage = ks.add_parser("usage", help="what keys have been charged (JSON)",
+                          description="Candidates, requests and image forwards charged, and what remains.")
+    usage.add_argument("name", nargs="?")
+    for sp in (create, revoke, ks.choices["list"], usage):
+        sp.add_argument("--ledger", type=Path, required=True, help="the SQLite ledger file")
+    p.set_defaults(func=_keys)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    _add_serve(sub)
+    _add_keys(sub)
