@@ -39,6 +39,36 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_perf)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from bptvlm.demo import run
+
+    return run(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="serve the embedded CLIP and tune every built-in task: zero-shot vs tuned",
+        description="Start `bptvlm serve --model embedded` as a subprocess, tune prompts for each built-in task "
+        "through the API (black-box: only loss and logits come back), and print zero-shot vs tuned test "
+        "accuracy per task with the queries spent and the wall time. Writes demo.md, demo.json and demo.png "
+        "under --out.",
+    )
+    p.add_argument("--model", default="embedded", help="model spec for the server (default: embedded)")
+    p.add_argument("--tasks", help="comma-separated task names (default: all; see `bptvlm tasks list`)")
+    p.add_argument("--budget", type=int, default=1500, help="training queries per task and seed")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; the table averages over them")
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--optimizer", default="CMA", help="nevergrad optimizer name")
+    p.add_argument("--popsize", type=int, default=30)
+    p.add_argument("--variant", default="joint", choices=["joint", "text", "vision"])
+    p.add_argument("--visual-prompt-position", default="pre_ln", choices=["pre_ln", "post_ln"],
+                   help="pre_ln: the paper's placement; post_ln: after the pre-layer-norm (ours)")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bptvlm",
@@ -57,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bptvlm.world.cli import add_commands as add_world_commands
 
     add_world_commands(sub)
+    _add_demo(sub)
     _add_perf(sub)
     return parser
 
