@@ -137,7 +137,7 @@ class InferenceService:
         if unknown or p.IMAGES not in arrays:
             raise InvalidTensorError(f"an upload carries exactly one input '{p.IMAGES}'; received {sorted(arrays)}")
         images = self._check_images(arrays[p.IMAGES])
-        batch, cached = self.images.put(images, self.model.preprocess)
+        batch, cached = self.images.put(images, self._preprocess)
         return p.ImageUploadResponse(image_batch=batch.id, num_images=batch.num_images, cached=cached)
 
     def _check_images(self, array: np.ndarray) -> np.ndarray:
@@ -159,8 +159,12 @@ class InferenceService:
                 raise InvalidTensorError(f"input '{p.IMAGE_BATCH}': expected BYTES [1], received {_describe(ref)}")
             return self.images.get(_texts(ref, p.IMAGE_BATCH)[0])
         assert inline is not None
-        batch, _ = self.images.put(self._check_images(inline), self.model.preprocess)
+        batch, _ = self.images.put(self._check_images(inline), self._preprocess)
         return batch
+
+    def _preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """Pixels live on the model's device: uploaded once, never copied again per generation."""
+        return self.model.preprocess(images).to(self.model.device)
 
     # --- inference -------------------------------------------------------------------------------
 
