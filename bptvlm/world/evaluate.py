@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--json", type=Path, help="merge the results into this JSON file under 'tasks'")
     parser.add_argument("--tasks", nargs="*")
+    parser.add_argument("--card", action="store_true",
+                        help="also write MODEL_CARD.md in model_dir from recipe.json and the results")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
@@ -126,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         card = json.loads(args.json.read_text()) if args.json.exists() else {}
         card["tasks"] = results
+        card["eval_command"] = "python -m bptvlm.world.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
         args.json.write_text(json.dumps(card, indent=2) + "\n")
+    if args.card:
+        from bptvlm.world.card import write_card
+
+        write_card(args.model_dir, results)
 
 
 if __name__ == "__main__":

@@ -168,11 +168,13 @@ def build(out: Path, *, minutes: float, seed: int = 0, progress: bool = True, ev
     """The `model build` command: train for a nominal `minutes`, save to `out`, return the recipe."""
     cfg = TrainConfig(steps=steps_for_minutes(minutes, TrainConfig.batch_size), eval_every=eval_every)
     torch.set_num_threads(2)
+    commit = git_commit()  # the recipe that runs, not whatever HEAD is when training ends
     t0 = time.time()
     model, tokenizer, norm = pretrain(cfg, seed, progress=progress,
                                       eval_tasks=["shape", "colour_clutter", "count", "background", "digit"])
-    recipe = {"command": f"python -m bptvlm.world.pretrain --minutes {minutes:g} --out {out} --seed {seed}",
-              "seed": seed, "git_commit": git_commit(), "wall_time_s": round(time.time() - t0, 1),
+    command = f"python -m bptvlm.world.pretrain --minutes {minutes:g} --out {out} --seed {seed}"
+    recipe = {"command": command + (f" --eval-every {eval_every}" if eval_every else ""),
+              "seed": seed, "git_commit": commit, "wall_time_s": round(time.time() - t0, 1),
               "train_config": dataclasses.asdict(cfg), "torch": torch.__version__,
               "parameters": sum(p.numel() for p in model.parameters())}
     save(out, model, tokenizer, norm, recipe)
