@@ -1,0 +1,160 @@
+"""``bptvlm bench``: its parser and command. Heavy imports (torch, nevergrad) happen in the command.
+
+    from bptvlm.bench.cli import add_commands
+    add_commands(subparsers)  # registers `bench`; args.func(args) -> exit code
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "BPTVLM_API_KEY"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DESCRIPTION = """\
+Benchmark black-box prompt tuning against query budgets. For every cell of the grid (task x optimizer x
+variant x seed x intrinsic dim x prompt lengths) one tuning run goes through the API up to the largest
+budget; at each checkpoint budget the prompt is selected on a validation split drawn from the training
+pool (never on test) and its validation and test accuracy are recorded. Queries are counted in the
+paper's unit (candidates evaluated), next to HTTP requests, image forwards (as the server reports them),
+wall time and a simulated price; validation/test evaluations are counted apart.
+
+Baselines in the same tables, on the same images: zero-shot with the task's template and an ensemble of
+templates (averaged logits), both through the API; CoOp (gradient-trained text context of the same
+shape) and a linear probe on frozen image features, both WHITE-BOX (the ceiling, not competitors) and
+run only when the served model is available in-process (--whitebox-model, checked to be the same
+weights).
+
+Writes OUT/results.csv (one row per cell and checkpoint budget), results.jsonl, report.md and
+plot_<task>_<variant>.png. Resumable: each finished cell is saved atomically in OUT/cells/, and rerunning
+the same command skips it (Ctrl-C loses at most the cell in flight)."""
+
+EPILOG = """\
+grid file (TOML; keys as the long flags with '_' for '-', lists for the axes; flags given on the
+command line override it):
+  endpoint = "http://127.0.0.1:8000"
+  out = "bench/run1"
+  tasks = ["shape", "colour_synonym"]     # built-in tasks or ImageFolder directories
+  optimizers = ["CMA", "DiagonalCMA"]
+  budgets = [250, 500, 1000]
+  seeds = [0, 1]
+  variants = ["joint", "text"]
+  intrinsic_dims = [500]
+  whitebox_model = "embedded"
+
+example:
+  bptvlm bench --endpoint http://127.0.0.1:8000 --tasks shape,colour_synonym --optimizers CMA,DiagonalCMA \\
+      --budgets 250,500,1000 --seeds 0,1 --variants joint,text --whitebox-model embedded --out bench/run1"""
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``bench`` on the top-level parser's subparsers."""
+    p = subparsers.add_parser(
+        "bench",
+        help="accuracy vs. query budget for optimizers, prompt variants and baselines (resumable)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("grid (comma-separated lists; or --grid FILE)")
+    src.add_argument("--grid", metavar="FILE.toml", type=Path, help="read the grid (and endpoint/out) from a TOML file")
+    src.add_argument("--tasks", help="built-in task names (`bptvlm tasks list`) or ImageFolder directories")
+    src.add_argument("--optimizers", help="names in nevergrad's registry (default: CMA)")
+    src.add_argument("--budgets", help="checkpoint budgets in training queries; one run per cell up to the largest (default: 250,500,1000)")
+    src.add_argument("--seeds", help="seeds of the few-shot sample, the projection and the optimizer (default: 0)")
+    src.add_argument("--variants", help="joint, text, vision (default: joint)")
+    src.add_argument("--intrinsic-dims", dest="intrinsic_dims", help="d of z per modality (d_text = d_vision) (default: 500)")
+    src.add_argument("--n-ctx-text", dest="n_ctx_text", help="text context lengths (default: 8)")
+    src.add_argument("--n-ctx-vision", dest="n_ctx_vision", help="visual prompt lengths (default: 5)")
+    st = p.add_argument_group("settings shared by every cell")
+    st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: 30)")
+    st.add_argument("--sigma", type=float, help="projection scale (default: 1.0)")
+    st.add_argument("--shots", type=int, help="training images per class (default: 16)")
+    st.add_argument("--val-shots", dest="val_shots", type=int, help="validation images per class, from the training pool (default: 8)")
+    st.add_argument("--test-per-class", dest="test_per_class", type=int, help="test images per class of built-in tasks (default: 50)")
+    st.add_argument("--template", help="prompt template with one '{}' (default: each task's own)")
+    st.add_argument("--loss", choices=["ce", "focal"], help="training loss (default: ce)")
+    st.add_argument("--visual-prompt-position", dest="visual_prompt_position", choices=["pre_ln", "post_ln"], help="(default: pre_ln)")
+    st.add_argument("--price-per-1k-image-forwards", dest="price_per_1k_image_forwards", type=float,
+                    help="simulated price of 1,000 image forwards (default: 0.01)")
+    bl = p.add_argument_group("baselines")
+    bl.add_argument("--baselines", help="zero-shot, ensemble, coop, linear-probe, or none (default: all; the white-box "
+                    "ones need --whitebox-model)")
+    bl.add_argument("--ensemble-templates", dest="ensemble_templates", help="templates averaged by 'ensemble', '|'-separated")
+    bl.add_argument("--whitebox-model", "--model-dir", dest="whitebox_model", metavar="SPEC",
+                    help="the served model in-process for CoOp and the linear probe: embedded, tiny-random or a "
+                    "save_pretrained directory (must be the weights the server serves)")
+    bl.add_argument("--coop-steps", dest="coop_steps", type=int, help="CoOp AdamW steps, full batch (default: 300)")
+    bl.add_argument("--coop-lr", dest="coop_lr", type=float, help="CoOp learning rate (default: 0.002)")
+    sv = p.add_argument_group("server and output")
+    sv.add_argument("--endpoint", help="base URL of the bptvlm server (default: http://127.0.0.1:8000)")
+    sv.add_argument("--model", dest="model_name", help="model name in /v2/models/{name} (default: clip)")
+    sv.add_argument("--api-key", help=f"bearer token (default: the environment variable {API_KEY_ENV})")
+    sv.add_argument("--out", type=Path, help="output folder (default: bench/run1)")
+    sv.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
+    p.set_defaults(func=cmd_bench)
+
+
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    """Grid-file values overlaid with the flags given on the command line."""
+    from .grid import load_grid_file
+
+    values: dict[str, Any] = load_grid_file(args.grid) if args.grid else {}
+    for key, value in vars(args).items():
+        if value is not None and key not in ("grid", "func", "command", "no_progress"):
+            values[key] = value
+    if isinstance(values.get("ensemble_templates"), str):
+        values["ensemble_templates"] = values["ensemble_templates"].split("|")
+    if "model" in values:
+        values.setdefault("model_name", values.pop("model"))
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``bptvlm bench``: run the grid, print where the outputs are."""
+    import httpx
+
+    from bptvlm.shared.errors import BptvlmError
+
+    from .grid import make_grid
+    from .harness import BenchRun, command_line, run_grid
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        values = _values(args)
+        grid = make_grid(values)
+    except (ValueError, KeyError, OSError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    run = BenchRun(
+        grid=grid,
+        out=Path(values.get("out") or "bench/run1"),
+        endpoint=values.get("endpoint") or "http://127.0.0.1:8000",
+        api_key=values.get("api_key") or os.environ.get(API_KEY_ENV) or None,
+        model_name=values.get("model_name") or "clip",
+        progress=not args.no_progress,
+        command=command_line(),
+    )
+    try:
+        outcome = run_grid(run)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished cells are in {run.out}/cells; rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    except BptvlmError as exc:
+        logger.error("request failed (%d): %s", exc.status_code, exc)
+        return EXIT_FAILED
+    except httpx.HTTPError as exc:
+        logger.error("cannot reach %s: %s", run.endpoint, exc)
+        return EXIT_FAILED
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    print(f"{outcome.ran} cells run, {outcome.skipped} already finished, {outcome.left} left; {outcome.wall_s:.0f} s")
+    print(f"results: {run.out / 'results.csv'}, report: {run.out / 'report.md'}")
+    return EXIT_OK

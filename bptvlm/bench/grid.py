@@ -1,0 +1,203 @@
+"""The benchmark grid: axes (tasks x optimizers x variants x seeds x intrinsic dims x prompt lengths),
+checkpoint budgets and the settings every cell shares; from flags or a TOML file.
+
+A grid file holds the same names as the flags, with ``_`` for ``-`` and lists for the axes::
+
+    tasks = ["shape", "colour_synonym"]
+    optimizers = ["CMA", "DiagonalCMA"]
+    budgets = [250, 500, 1000]
+    seeds = [0, 1]
+    variants = ["joint", "text"]
+    intrinsic_dims = [500]          # d_text = d_vision = d
+    baselines = ["zero-shot", "ensemble", "coop", "linear-probe"]
+    whitebox_model = "embedded"     # only with it: CoOp and the linear probe (white-box)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+API_BASELINES = ("zero-shot", "ensemble")
+WHITEBOX_BASELINES = ("coop", "linear-probe")
+BASELINES = API_BASELINES + WHITEBOX_BASELINES
+DEFAULT_ENSEMBLE = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Everything that defines a benchmark run besides the server and the output folder."""
+
+    tasks: tuple[str, ...]
+    optimizers: tuple[str, ...] = ("CMA",)
+    budgets: tuple[int, ...] = (250, 500, 1000)
+    seeds: tuple[int, ...] = (0,)
+    variants: tuple[str, ...] = ("joint",)
+    intrinsic_dims: tuple[int, ...] = (500,)
+    n_ctx_text: tuple[int, ...] = (8,)
+    n_ctx_vision: tuple[int, ...] = (5,)
+    popsize: int = 30
+    sigma: float = 1.0
+    shots: int = 16
+    val_shots: int = 8
+    test_per_class: int = 50
+    template: str | None = None
+    loss: str = "ce"
+    visual_prompt_position: str = "pre_ln"
+    baselines: tuple[str, ...] = BASELINES
+    ensemble_templates: tuple[str, ...] = DEFAULT_ENSEMBLE
+    whitebox_model: str | None = None
+    price_per_1k_image_forwards: float = 0.01
+    coop_steps: int = 300
+    coop_lr: float = 0.002
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision"):
+            if not getattr(self, name):
+                raise ValueError(f"grid axis {name!r} is empty")
+        if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            raise ValueError(f"budgets must be distinct positive query counts, received {list(self.budgets)}")
+        object.__setattr__(self, "budgets", tuple(sorted(self.budgets)))
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown baseline {unknown[0]!r}; baselines are {', '.join(BASELINES)} (or none)")
+        if self.val_shots < 1:
+            raise ValueError("val_shots must be >= 1: checkpoint prompts are selected on the validation split")
+        from bptvlm.client.tuner import Template  # validates names; no torch
+
+        for t in self.ensemble_templates:
+            Template(t)
+        for cell in self.cells():
+            cell.tune_config(self)
+
+    @property
+    def max_budget(self) -> int:
+        return self.budgets[-1]
+
+    def cells(self) -> list[Cell]:
+        """Black-box cells, task-major (a run's first cells cover every task)."""
+        return [
+            Cell(task, "blackbox", opt, variant, seed, d, nt, nv)
+            for seed in self.seeds
+            for task in self.tasks
+            for opt in self.optimizers
+            for variant in self.variants
+            for d in self.intrinsic_dims
+            for nt in self.n_ctx_text
+            for nv in self.n_ctx_vision
+        ]
+
+    def baseline_cells(self, whitebox: bool) -> list[Cell]:
+        """Baseline cells; the white-box ones only when the model is in-process."""
+        names = [b for b in self.baselines if b in API_BASELINES or whitebox]
+        out = []
+        for seed in self.seeds:
+            for task in self.tasks:
+                for name in names:
+                    if name == "coop":  # same shape as the black-box text context
+                        out += [Cell(task, "white-box", "coop", "text", seed, 0, nt, 0) for nt in self.n_ctx_text]
+                    else:
+                        kind = "white-box" if name in WHITEBOX_BASELINES else "api"
+                        out.append(Cell(task, kind, name, "-", seed, 0, 0, 0))
+        return out
+
+    def shared(self) -> dict[str, Any]:
+        """Settings that change every cell's result (part of each cell's key)."""
+        keys = ("popsize", "sigma", "shots", "val_shots", "test_per_class", "template", "loss", "visual_prompt_position",
+                "budgets", "ensemble_templates", "coop_steps", "coop_lr")
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a tuning run read off at every budget, or one baseline."""
+
+    task: str
+    kind: str  # "blackbox" | "api" | "white-box"
+    method: str  # optimizer name or baseline name
+    variant: str
+    seed: int
+    d: int
+    n_ctx_text: int
+    n_ctx_vision: int
+
+    def tune_config(self, grid: Grid) -> Any:
+        """The client's ``TuneConfig`` of this cell (budget = the grid's largest)."""
+        from bptvlm.client.tuner import TuneConfig
+
+        return TuneConfig(
+            optimizer=self.method if self.kind == "blackbox" else "CMA",
+            popsize=grid.popsize,
+            budget=grid.max_budget,
+            seed=self.seed,
+            d_text=max(self.d, 1),
+            d_vision=max(self.d, 1),
+            n_ctx_text=self.n_ctx_text if self.kind == "blackbox" else max(self.n_ctx_text, 1),
+            n_ctx_vision=self.n_ctx_vision,
+            sigma=grid.sigma,
+            template=grid.template,
+            loss=grid.loss,
+            visual_prompt_position=grid.visual_prompt_position,
+            variant=self.variant if self.kind == "blackbox" else "text",
+        )
+
+    def key(self, grid: Grid, model_id: str) -> str:
+        """File name: readable fields and a hash of everything that shapes the result."""
+        blob = json.dumps({"cell": asdict(self), "grid": grid.shared(), "model": model_id}, sort_keys=True, default=list)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+        safe_task = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.task)[-40:]
+        parts = [safe_task, self.method, self.variant.replace("-", "none"), f"s{self.seed}"]
+        if self.kind == "blackbox":
+            parts += [f"d{self.d}", f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
+        return "__".join(parts + [digest])
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A grid field from a TOML value or a comma-separated flag."""
+    types = {f.name: f.type for f in fields(Grid)}
+    kind = str(types[name])
+    if kind.startswith("tuple"):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [i.strip() if isinstance(i, str) else i for i in items if not (isinstance(i, str) and not i.strip())]
+        if "int" in kind:
+            return tuple(int(i) for i in items)
+        if name == "baselines" and items in (["none"], []):
+            return ()
+        return tuple(str(i) for i in items)
+    if kind.startswith("int"):
+        return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    return None if value is None else str(value)
+
+
+GRID_FIELDS = tuple(f.name for f in fields(Grid))
+FILE_ONLY = {"endpoint", "out", "model", "api_key_env"}  # run settings a grid file may carry besides the grid
+
+
+def load_grid_file(path: str | Path) -> dict[str, Any]:
+    """The TOML file as a dict (YAML is not supported: TOML is in the standard library)."""
+    path = Path(path)
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    unknown = sorted(set(data) - set(GRID_FIELDS) - FILE_ONLY)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; keys are {', '.join(sorted((*GRID_FIELDS, *FILE_ONLY)))}")
+    return data
+
+
+def make_grid(values: dict[str, Any]) -> Grid:
+    """A ``Grid`` from flag/file values (``None`` = not given: the default applies)."""
+    given = {k: _coerce(k, v) for k, v in values.items() if k in GRID_FIELDS and v is not None}
+    if "tasks" not in given:
+        raise ValueError("no tasks: give --tasks or 'tasks' in the grid file")
+    return Grid(**given)
+
+
