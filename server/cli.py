@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
     if args.json_logs:
         configure_json_logging(args.log_level)
+    logging.getLogger().setLevel(args.log_level)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=args.drain_seconds, log_config=None if args.json_logs else uvicorn.config.LOGGING_CONFIG)
     return 0

@@ -4,7 +4,9 @@ Charging is two-phase so that a request is either fully charged and answered or 
 
     reserve(key, n)   one IMMEDIATE transaction: refuse if charged + in flight + n > quota,
                       else record n as in flight under a reservation id
-    commit(res)       the answer is ready: move the reservation into the key's usage
+    commit(res)       the answer is ready: move the reservation into the key's usage, and remember
+                      the request id (if any), so a retry after a lost answer or a crash is not
+                      charged again
     release(res)      the request failed: drop the reservation
 
 Reservations left by a crash were never answered; opening the ledger drops them. Without a path
@@ -26,6 +28,7 @@ from bptvlm.shared.errors import BudgetExhaustedError
 from bptvlm.shared.protocol import Usage
 
 TOKEN_PREFIX = "bptvlm_"
+ANSWERED_TTL_S = 7 * 24 * 3600  # how long request ids are remembered for idempotent retries
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -42,6 +45,14 @@ CREATE TABLE IF NOT EXISTS usage (
     candidates INTEGER NOT NULL DEFAULT 0,
     requests INTEGER NOT NULL DEFAULT 0,
     image_forwards INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS answered (
+    key_id INTEGER NOT NULL REFERENCES keys(id),
+    request_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    candidates INTEGER NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (key_id, request_id)
 );
 CREATE TABLE IF NOT EXISTS reservations (
     id INTEGER PRIMARY KEY,
@@ -87,6 +98,7 @@ class Ledger:
                 self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._db.execute("DELETE FROM reservations")  # in flight at a crash: never answered
+            self._db.execute("DELETE FROM answered WHERE at < ?", (time.time() - ANSWERED_TTL_S,))
 
     def close(self) -> None:
         with self._lock:
@@ -181,16 +193,32 @@ class Ledger:
             cur = self._db.execute("INSERT INTO reservations (key_id, candidates) VALUES (?, ?)", (key.id, candidates))
             return Reservation(int(cur.lastrowid or 0), key, candidates)
 
-    def commit(self, reservation: Reservation, image_forwards: int) -> None:
-        """Charge a reserved request that is about to be answered."""
+    def commit(
+        self, reservation: Reservation, image_forwards: int, request_id: str | None = None, fingerprint: str = ""
+    ) -> None:
+        """Charge a reserved request that is about to be answered (and remember its id)."""
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM reservations WHERE id = ?", (reservation.id,))
+            if request_id is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO answered (key_id, request_id, fingerprint, candidates, at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (reservation.key.id, request_id, fingerprint, reservation.candidates, time.time()),
+                )
             self._db.execute(
                 "INSERT INTO usage (key_id, candidates, requests, image_forwards) VALUES (?, ?, 1, ?) "
                 "ON CONFLICT(key_id) DO UPDATE SET candidates = candidates + excluded.candidates, "
                 "requests = requests + 1, image_forwards = image_forwards + excluded.image_forwards",
                 (reservation.key.id, reservation.candidates, image_forwards),
             )
+
+    def answered(self, key: KeyRecord, request_id: str) -> tuple[str, int] | None:
+        """(fingerprint, candidates) of a request this key was already charged for, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, candidates FROM answered WHERE key_id = ? AND request_id = ?", (key.id, request_id)
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def release(self, reservation: Reservation) -> None:
         with self._lock:

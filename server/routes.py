@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -179,7 +180,8 @@ async def infer(model_name: str, request: Request, service: Service, key: Limite
     """Loss [P] and/or logits [P, N, C] for a population of prompts; one query per candidate."""
     body = await _read_body(request)
     req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
-    result = await run_in_threadpool(service.infer, req, arrays, key)
+    fingerprint = hashlib.sha256(body).hexdigest()
+    result = await run_in_threadpool(service.infer, req, arrays, key, fingerprint)
     metrics = request.app.state.metrics
     if not result.replayed:
         metrics.candidates.labels(key.name).inc(result.usage.candidates)

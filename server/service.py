@@ -108,6 +108,11 @@ def _texts(array: np.ndarray, name: str) -> list[str]:
     return out
 
 
+def _check_same_request(request_id: str, first: str, now: str) -> None:
+    if first != now:
+        raise InvalidTensorError(f"request id {request_id!r} was already used for a different request body")
+
+
 class InferenceService:
     """Validate, meter, forward. One model; forwards take turns through ``Admission``."""
 
@@ -123,7 +128,7 @@ class InferenceService:
         )
         self.admission = Admission(settings.max_queue, settings.request_timeout_s)
         # Idempotency: (key id, request id) -> (result, time answered).
-        self._replies: ByteLRU[tuple[int, str], tuple[InferenceResult, float]] = ByteLRU(
+        self._replies: ByteLRU[tuple[int, str], tuple[InferenceResult, float, str]] = ByteLRU(
             settings.reply_cache_bytes, lambda r: sum(a.nbytes for a in r[0].outputs.values()) + 256
         )
         self._in_flight: dict[tuple[int, str], threading.Event] = {}
@@ -168,16 +173,20 @@ class InferenceService:
 
     # --- inference -------------------------------------------------------------------------------
 
-    def infer(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord) -> InferenceResult:
+    def infer(
+        self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord, fingerprint: str = ""
+    ) -> InferenceResult:
         """Score every candidate of the request; charge ``key`` one query per candidate, exactly once.
 
-        A request whose id this key already sent is answered from the reply cache, uncharged.
+        A request id this key already used is not charged again: answered from the reply cache, or
+        recomputed for free when the ledger remembers it but the cache does not (after a restart).
+        ``fingerprint`` (a hash of the body) must then match: one id, one request.
         """
         if not request.id:
             return self._infer_once(request, arrays, key)
         slot = (key.id, request.id)
         while True:
-            replay = self._replay(slot)
+            replay = self._replay(slot, fingerprint)
             if replay is not None:
                 return replay
             with self._in_flight_lock:
@@ -187,17 +196,18 @@ class InferenceService:
                     break
             event.wait(self.settings.request_timeout_s)  # the same request is running: wait for its answer
         try:
-            result = self._infer_once(request, arrays, key)
-            self._replies.put(slot, (result, time.monotonic()))
+            result = self._infer_once(request, arrays, key, fingerprint)
+            self._replies.put(slot, (result, time.monotonic(), fingerprint))
             return result
         finally:
             with self._in_flight_lock:
                 self._in_flight.pop(slot).set()
 
-    def _replay(self, slot: tuple[int, str]) -> InferenceResult | None:
+    def _replay(self, slot: tuple[int, str], fingerprint: str) -> InferenceResult | None:
         found = self._replies.get(slot)
         if found is None or time.monotonic() - found[1] > self.settings.reply_ttl_s:
             return None
+        _check_same_request(slot[1], found[2], fingerprint)
         return InferenceResult(found[0].outputs, found[0].usage, replayed=True)
 
     def cache_stats(self) -> dict[str, tuple[int, int]]:
@@ -205,8 +215,16 @@ class InferenceService:
         caches = {"images": self.images.lru, "text_features": self.text_features, "replies": self._replies}
         return {name: (c.hits, c.misses) for name, c in caches.items()}
 
-    def _infer_once(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord) -> InferenceResult:
+    def _infer_once(
+        self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord, fingerprint: str = ""
+    ) -> InferenceResult:
         plan = self._plan(request, arrays)
+        charged = self.ledger.answered(key, request.id) if request.id else None
+        if charged is not None:  # answered before a restart: recompute, do not charge again
+            _check_same_request(request.id or "", charged[0], fingerprint)
+            with self.admission.slot():
+                outputs, _ = self._run(plan)
+            return InferenceResult(outputs, p.Usage(candidates=charged[1], requests=1), replayed=True)
         reservation = self.ledger.reserve(key, plan.population)
         try:
             with self.admission.slot() as queue_s:
@@ -216,7 +234,7 @@ class InferenceService:
         except BaseException:
             self.ledger.release(reservation)
             raise
-        self.ledger.commit(reservation, forwards)
+        self.ledger.commit(reservation, forwards, request.id, fingerprint)
         usage = p.Usage(candidates=plan.population, requests=1, image_forwards=forwards)
         return InferenceResult(outputs, usage, queue_s=queue_s, forward_s=forward_s)
 

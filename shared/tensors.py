@@ -67,7 +67,8 @@ def _pack_bytes(items: Sequence[bytes]) -> bytes:
 
 
 def _unpack_bytes(name: str, raw: bytes, count: int) -> list[bytes]:
-    items, pos = [], 0
+    items: list[bytes] = []
+    pos = 0
     for _ in range(count):
         if pos + 4 > len(raw):
             raise InvalidTensorError(f"tensor '{name}': BYTES data ends inside element {len(items)}")

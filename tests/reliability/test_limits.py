@@ -162,3 +162,24 @@ def test_request_ids_reach_the_response_and_json_logs(caplog: pytest.LogCaptureF
     record = next(rec for rec in caplog.records if getattr(rec, "request_id", None) == "abc-123")
     line = json.loads(JsonFormatter().format(record))
     assert line["request_id"] == "abc-123" and line["status"] == 200 and line["path"] == "/v2/health/live"
+
+
+def test_a_reused_id_with_another_body_is_refused() -> None:
+    with _client() as c:
+        assert _post(c, 3, "gen-1").status_code == 200
+        r = _post(c, 4, "gen-1")
+        assert r.status_code == 422 and r.json()["error"] == "request id 'gen-1' was already used for a different request body"
+        assert _total(c) == 3
+
+
+def test_request_ids_survive_a_restart_of_the_server(tmp_path) -> None:
+    ledger = str(tmp_path / "ledger.db")
+    settings = {"ledger": ledger, "api_keys": ("tok",)}
+    with TestClient(create_app(Settings(device="cpu", **settings)), headers=AUTH) as c:
+        first = _post(c, 3, "gen-9")
+    with TestClient(create_app(Settings(device="cpu", **settings)), headers=AUTH) as c:  # reply cache empty
+        again = _post(c, 3, "gen-9")
+        assert again.status_code == 200 and again.headers["X-Idempotent-Replay"] == "true"
+        losses = [decode_response(r.content, r.headers.get(HEADER_LENGTH))[1]["loss"] for r in (first, again)]
+        np.testing.assert_allclose(*losses, rtol=1e-6)
+        assert _total(c) == 3
