@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from bptvlm.world.cli import add_commands as add_world_commands
 
     add_world_commands(sub)
+    from bptvlm.bench.cli import add_commands as add_bench_commands
+
+    add_bench_commands(sub)
     _add_demo(sub)
     _add_perf(sub)
     return parser
