@@ -1,8 +1,9 @@
 """Run one benchmark cell through the API and return its rows (one per checkpoint budget).
 
-A black-box cell is one tuning run up to the grid's largest budget. Generations are cut at every
-checkpoint budget so that the training queries land on each mark exactly (nevergrad's ask/tell does
-not care how a generation is split into requests). At each mark, the best candidate seen (lowest
+A black-box cell is one tuning run up to the grid's largest budget, with the same candidates as a plain
+run of that budget: whole generations are asked and told (only the last one is truncated); a checkpoint
+budget inside a generation splits that generation's evaluation into two requests, so the training
+queries land on each mark exactly. At each mark (before the generation in flight is told), the best candidate seen (lowest
 training loss) and the optimizer's recommendation are scored on the validation split; the one with the
 lower validation loss is the selected prompt, and only it is scored on test. Validation and test
 requests are evaluation queries, metered apart from the training queries.
@@ -93,22 +94,31 @@ def run_blackbox(
     meter = Meter()
     best_loss, best_z = float("inf"), np.zeros(projection.dimension, np.float32)
     rows: list[dict[str, Any]] = []
-    for mark in grid.budgets:
-        while task.count.train < mark:
-            n = min(config.popsize, mark - task.count.train)
-            candidates = [opt.ask() for _ in range(n)]
-            z = np.stack([c.value for c in candidates]).astype(np.float32)  # [n, d]
-            losses = _finite(meter.query(task, "train", projection(z), (LOSS,), "train").loss)
-            for candidate, loss in zip(candidates, losses):
-                opt.tell(candidate, float(loss))
-            i = int(np.argmin(losses))
-            if losses[i] < best_loss:
-                best_loss, best_z = float(losses[i]), z[i].copy()
+    marks = list(grid.budgets)
+    while task.count.train < grid.max_budget:
+        # A whole generation is asked and told together (CMA's step-size adaptation needs that); a mark
+        # inside it splits only its evaluation into two requests.
+        n = min(config.popsize, grid.max_budget - task.count.train)
+        candidates = [opt.ask() for _ in range(n)]
+        z = np.stack([c.value for c in candidates]).astype(np.float32)  # [n, d]
+        losses = np.empty(n)
+        done = 0
+        while done < n:
+            upto = min(n, marks[0] - task.count.train + done) if marks else n
+            part = _finite(meter.query(task, "train", projection(z[done:upto]), (LOSS,), "train").loss)
+            losses[done:upto] = part
+            i = int(np.argmin(part))
+            if part[i] < best_loss:
+                best_loss, best_z = float(part[i]), z[done + i].copy()
             if bar is not None:
-                bar.update(n)
-        rows.append({"budget": mark, "train_loss": best_loss, **_select(task, projection, best_z, opt, meter), **meter.row(grid.price_per_1k_image_forwards)})
-        rows[-1]["wall_s"] = round(meter.train_s, 3)
-        rows[-1]["eval_wall_s"] = round(meter.eval_s, 3)
+                bar.update(upto - done)
+            done = upto
+            if marks and task.count.train == marks[0]:
+                row = {"budget": marks.pop(0), "train_loss": best_loss, **_select(task, projection, best_z, opt, meter)}
+                rows.append({**row, **meter.row(grid.price_per_1k_image_forwards), "wall_s": round(meter.train_s, 3),
+                             "eval_wall_s": round(meter.eval_s, 3)})  # fmt: skip
+        for candidate, loss in zip(candidates, losses):
+            opt.tell(candidate, float(loss))
     if task.count.train != grid.max_budget:
         raise RuntimeError(f"cell {cell} spent {task.count.train} training queries, budget {grid.max_budget}")
     return rows
