@@ -92,16 +92,16 @@ def accuracy_table(summary: dict[Group, dict[int, dict[str, Any]]], budgets: lis
 def mean_over_tasks(summary: dict[Group, dict[int, dict[str, Any]]], budgets: list[int], varied: set[str]) -> str:
     """Markdown: method | budget columns | fixed, each the mean over tasks of the per-task mean."""
     by_method: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for g, per in summary.items():
-        for b, s in per.items():
+    for g, per_budget in summary.items():
+        for b, s in per_budget.items():
             by_method[g[1:]][b].append(s["test_accuracy_mean"])
     n_tasks = len({g[0] for g in summary})
     lines = ["| method | kind | " + " | ".join(f"{b} q" for b in budgets) + " | fixed |", "|" + "---|" * (3 + len(budgets))]
     for m in sorted(by_method, key=lambda m: _order(("",) + m)):  # type: ignore[arg-type]
-        per = by_method[m]
+        accs = by_method[m]
 
         def mean(b: int) -> str:
-            return f"{100 * np.mean(per[b]):.1f}" if len(per.get(b, [])) == n_tasks else ""
+            return f"{100 * np.mean(accs[b]):.1f}" if len(accs.get(b, [])) == n_tasks else ""
 
         cells = [mean(b) for b in budgets] + [""] if m[0] == "blackbox" else [""] * len(budgets) + [mean(0)]
         lines.append(f"| {label(('',) + m, varied)} | {KIND_NOTE[m[0]]} | " + " | ".join(cells) + " |")  # type: ignore[arg-type]
