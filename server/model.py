@@ -14,6 +14,7 @@ keeps the scale the client gave it instead of being normalised to full strength)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class PromptedCLIP:
         self.image_processor = loaded.image_processor
         self.model_id = loaded.model_id
         self.max_batch_images = max_batch_images
+        self._tokenize = functools.lru_cache(maxsize=256)(self._tokenize_uncached)
         self._text = self.model.text_model
         self._vision = self.model.vision_model
         self.limits = self._compute_limits()
@@ -104,8 +106,11 @@ class PromptedCLIP:
         return out["pixel_values"].float()
 
     def tokenize(self, texts: list[str]) -> TextBatch:
-        """Token ids of each class text, without special tokens."""
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        """Token ids of each class text, without special tokens (memoised: a tuning run repeats them)."""
+        return self._tokenize(tuple(texts))
+
+    def _tokenize_uncached(self, texts: tuple[str, ...]) -> TextBatch:
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return TextBatch(tuple(tuple(x) for x in ids))
 
     def context_init(self, text: str, n_ctx: int) -> torch.Tensor:
