@@ -32,6 +32,7 @@ def write_card(model_dir: Path, results: dict[str, dict[str, float]]) -> Path:
     tc = recipe["train_config"]
     mc = tc["model"]
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    copied = "" if f"--out {model_dir}" in recipe["command"] else f" (its output directory then copied to `{model_dir}`)"
     rows = "\n".join(f"| {name} | {r['chance']:.3f} | {r['zero_shot']:.3f} | {r.get('linear_probe', float('nan')):.3f} |"
                      for name, r in results.items())
     text = f"""# The embedded CLIP (bptvlm's own small pretrained model)
@@ -41,7 +42,7 @@ trained from scratch on procedurally generated captioned 32x32 images. Load it l
 directory (`CLIPModel` / `AutoTokenizer` / `CLIPImageProcessor` `.from_pretrained`).
 
 ## How it was made
-- Command: `{recipe['command']}`
+- Command: `{recipe['command']}`{copied}
 - Seed: {recipe['seed']}; git commit of the recipe: `{recipe['git_commit']}`
 - Wall time: {recipe['wall_time_s'] / 60:.1f} min on 2 shared CPU cores (torch {recipe['torch']});
   `--minutes` fixes the step count through a nominal 700 pairs/s, the clock never decides.

@@ -59,6 +59,7 @@ class TrainConfig:
     warmup_steps: int = 100
     clip_norm: float = 1.0
     eval_every: int = 0  # 0: only at the end
+    stop_after: int = 0  # >0: stop after this many steps of the `steps`-long schedule (a snapshot)
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -118,6 +119,8 @@ def pretrain(cfg: TrainConfig, seed: int, *, progress: bool = True,
     model.train()
     bar = tqdm(range(cfg.steps), disable=not progress, desc="pretrain", mininterval=5)
     for step in bar:
+        if cfg.stop_after and step >= cfg.stop_after:
+            break
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
         images, captions = sampler.batch(cfg.batch_size)
@@ -164,16 +167,20 @@ def steps_for_minutes(minutes: float, batch_size: int) -> int:
     return max(1, int(minutes * 60 * NOMINAL_PAIRS_PER_S / batch_size))
 
 
-def build(out: Path, *, minutes: float, seed: int = 0, progress: bool = True, eval_every: int = 0) -> dict:
+def build(out: Path, *, minutes: float, seed: int = 0, progress: bool = True, eval_every: int = 0,
+          stop_after: int = 0) -> dict:
     """The `model build` command: train for a nominal `minutes`, save to `out`, return the recipe."""
-    cfg = TrainConfig(steps=steps_for_minutes(minutes, TrainConfig.batch_size), eval_every=eval_every)
+    cfg = TrainConfig(steps=steps_for_minutes(minutes, TrainConfig.batch_size), eval_every=eval_every,
+                      stop_after=stop_after)
     torch.set_num_threads(2)
     commit = git_commit()  # the recipe that runs, not whatever HEAD is when training ends
     t0 = time.time()
     model, tokenizer, norm = pretrain(cfg, seed, progress=progress,
                                       eval_tasks=["shape", "colour_clutter", "count", "background", "digit"])
     command = f"python -m bptvlm.world.pretrain --minutes {minutes:g} --out {out} --seed {seed}"
-    recipe = {"command": command + (f" --eval-every {eval_every}" if eval_every else ""),
+    command += f" --eval-every {eval_every}" if eval_every else ""
+    command += f" --stop-after {stop_after}" if stop_after else ""
+    recipe = {"command": command,
               "seed": seed, "git_commit": commit, "wall_time_s": round(time.time() - t0, 1),
               "train_config": dataclasses.asdict(cfg), "torch": torch.__version__,
               "parameters": sum(p.numel() for p in model.parameters())}
@@ -188,9 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=0, help="log zero-shot every N steps")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="save after this many steps of the schedule (weights identical to the full run's at that step)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    build(args.out, minutes=args.minutes, seed=args.seed, eval_every=args.eval_every)
+    build(args.out, minutes=args.minutes, seed=args.seed, eval_every=args.eval_every, stop_after=args.stop_after)
 
 
 if __name__ == "__main__":
