@@ -18,6 +18,7 @@ import math
 import subprocess
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,13 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def pretrain(cfg: TrainConfig, seed: int, *, progress: bool = True,
-             eval_tasks: list[str] | None = None) -> tuple[CLIPModel, PreTrainedTokenizerFast, Normalisation]:
-    """Train a CLIP from scratch; deterministic for a given (cfg, seed) on a given machine."""
+def pretrain(cfg: TrainConfig, seed: int, *, progress: bool = True, eval_tasks: list[str] | None = None,
+             on_checkpoint: Callable[[int, CLIPModel, PreTrainedTokenizerFast, Normalisation], None] | None = None,
+             checkpoint_every: int = 200) -> tuple[CLIPModel, PreTrainedTokenizerFast, Normalisation]:
+    """Train a CLIP from scratch; deterministic for a given (cfg, seed, thread count) on a given machine.
+
+    `on_checkpoint(steps_done, ...)` is called every `checkpoint_every` steps (weights after that many steps).
+    """
     torch.manual_seed(seed)
     np.random.seed(seed)
     tokenizer = train_tokenizer(seed)
@@ -141,6 +146,9 @@ def pretrain(cfg: TrainConfig, seed: int, *, progress: bool = True,
             log.info("step %d loss %.3f zero-shot %s", step + 1, loss.item(),
                      {k: round(v["zero_shot"], 3) for k, v in res.items()})
             model.train()
+        if on_checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            on_checkpoint(step + 1, model, tokenizer, norm)
+            model.train()
     model.eval()
     return model, tokenizer, norm
 
@@ -168,22 +176,33 @@ def steps_for_minutes(minutes: float, batch_size: int) -> int:
 
 
 def build(out: Path, *, minutes: float, seed: int = 0, progress: bool = True, eval_every: int = 0,
-          stop_after: int = 0) -> dict:
-    """The `model build` command: train for a nominal `minutes`, save to `out`, return the recipe."""
+          stop_after: int = 0, threads: int = 2) -> dict:
+    """The `model build` command: train for a nominal `minutes`, save to `out`, return the recipe.
+
+    Every 200 steps a snapshot goes to `out/snapshot` (its recipe names the `--stop-after` that
+    reproduces it), so a run cut short on a busy machine still leaves a usable model.
+    """
     cfg = TrainConfig(steps=steps_for_minutes(minutes, TrainConfig.batch_size), eval_every=eval_every,
                       stop_after=stop_after)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     commit = git_commit()  # the recipe that runs, not whatever HEAD is when training ends
     t0 = time.time()
-    model, tokenizer, norm = pretrain(cfg, seed, progress=progress,
-                                      eval_tasks=["shape", "colour_clutter", "count", "background", "digit"])
-    command = f"python -m bptvlm.world.pretrain --minutes {minutes:g} --out {out} --seed {seed}"
+    command = f"python -m bptvlm.world.pretrain --minutes {minutes:g} --out {out} --seed {seed} --threads {threads}"
     command += f" --eval-every {eval_every}" if eval_every else ""
-    command += f" --stop-after {stop_after}" if stop_after else ""
-    recipe = {"command": command,
-              "seed": seed, "git_commit": commit, "wall_time_s": round(time.time() - t0, 1),
-              "train_config": dataclasses.asdict(cfg), "torch": torch.__version__,
-              "parameters": sum(p.numel() for p in model.parameters())}
+
+    def recipe_at(steps_done: int, model: CLIPModel) -> dict:
+        cmd = command + (f" --stop-after {steps_done}" if steps_done < cfg.steps else "")
+        return {"command": cmd, "seed": seed, "git_commit": commit, "wall_time_s": round(time.time() - t0, 1),
+                "train_config": dataclasses.asdict(dataclasses.replace(cfg, stop_after=steps_done)),
+                "torch": torch.__version__, "threads": threads,
+                "parameters": sum(p.numel() for p in model.parameters())}
+
+    def snapshot(steps_done: int, model: CLIPModel, tokenizer: PreTrainedTokenizerFast, norm: Normalisation) -> None:
+        save(out / "snapshot", model, tokenizer, norm, recipe_at(steps_done, model))
+
+    model, tokenizer, norm = pretrain(cfg, seed, progress=progress, on_checkpoint=snapshot,
+                                      eval_tasks=["shape", "colour_clutter", "count", "background", "digit"])
+    recipe = recipe_at(min(cfg.stop_after or cfg.steps, cfg.steps), model)
     save(out, model, tokenizer, norm, recipe)
     log.info("saved to %s after %.0f s", out, recipe["wall_time_s"])
     return recipe
@@ -197,9 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="log zero-shot every N steps")
     parser.add_argument("--stop-after", type=int, default=0,
                         help="save after this many steps of the schedule (weights identical to the full run's at that step)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    build(args.out, minutes=args.minutes, seed=args.seed, eval_every=args.eval_every, stop_after=args.stop_after)
+    build(args.out, minutes=args.minutes, seed=args.seed, eval_every=args.eval_every, stop_after=args.stop_after,
+          threads=args.threads)
 
 
 if __name__ == "__main__":
