@@ -192,6 +192,9 @@ def _uci_pool() -> tuple[np.ndarray, np.ndarray]:
 register(Task("shape", "one shape (any colour, size, background): which shape",
               SHAPES, "a photo of a {}."),
          synthetic(lambda y, rng: _single(rng, shape=SHAPES[y])))
+register(Task("colour", "one shape's colour, no distractors (the easiest attribute)",
+              tuple(COLOURS), "a photo of a {} shape."),
+         synthetic(lambda y, rng: _single(rng, colour=list(COLOURS)[y])))
 register(Task("colour_clutter", "a large shape of one colour among small shapes of other colours",
               tuple(COLOURS), "a photo of a {} shape."),
          synthetic(lambda y, rng: _single(rng, colour=list(COLOURS)[y], size="large", clutter=3)))
