@@ -40,7 +40,11 @@ def _model_build(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `tasks list`, `tasks export NAME DIR [--shots --seed]`, `model build --minutes --out [--seed]`."""
-    tasks = subparsers.add_parser("tasks", help="the built-in few-shot task suite")
+    tasks = subparsers.add_parser(
+        "tasks", help="the built-in few-shot task suite",
+        description="The built-in few-shot tasks of the embedded world: procedurally generated images "
+        "(shapes, colours, counts, textures, digits) with class names, a hand-written template and "
+        "seeded train/val/test splits. `list` prints them; `export` writes one as an ImageFolder.")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
     p = tasks_sub.add_parser("list", help="one task per line, its name first")
     p.set_defaults(func=_tasks_list)
@@ -51,7 +55,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the train split (default 0)")
     p.set_defaults(func=_tasks_export)
 
-    model = subparsers.add_parser("model", help="the embedded CLIP")
+    model = subparsers.add_parser(
+        "model", help="the embedded CLIP",
+        description="The project's own small CLIP. `build` runs the recipe that produced the shipped "
+        "weights in server/embedded (see its MODEL_CARD.md): procedural captioned images, a caption "
+        "tokenizer, contrastive pretraining from a fixed seed.")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     p = model_sub.add_parser("build", help="pretrain the embedded CLIP from scratch (the shipped recipe)")
     p.add_argument("--minutes", type=float, required=True,
