@@ -34,7 +34,7 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
-    p.add_argument("--max-batch-images", type=int, default=4096)
+    p.add_argument("--max-batch-images", type=int, help="vision chunk size (default: the server's, 256 on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_perf)
 

@@ -154,7 +154,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     t["text_full"], t["text_trimmed"] = paired_seconds(
         in_worker(lambda: local.text_tower(ctx, full=True)), in_worker(lambda: local.text_tower(ctx, full=False)), r
     )
-    server_args = ["--max-batch-images", str(args.max_batch_images)]
+    server_args = ["--max-batch-images", str(model.max_batch_images)]
     with local_server(args.model, args=server_args, timeout=300) as url, ClipClient(url) as client:
         batch_id = client.upload_images(work.images)
         t["inprocess_joint"], t["http_joint"] = paired_seconds(

@@ -39,8 +39,10 @@ class Settings(BaseSettings):
     max_population: int = Field(default=1024, gt=0)
     max_images: int = Field(default=4096, gt=0)
     max_classes: int = Field(default=1000, gt=0)
-    max_batch_images: int = Field(
-        default=4096, gt=0, description="images through the vision tower at once (population x images per chunk)"
+    max_batch_images: int | None = Field(
+        default=None, gt=0,
+        description="images through the vision tower at once (population x images per chunk); "
+        "None: 4096 on a GPU, 256 on a CPU",
     )
     image_cache_bytes: int = Field(default=1 * 2**30, gt=0, description="byte cap of the uploaded-image LRU")
     text_cache_bytes: int = Field(
