@@ -16,6 +16,7 @@ import pickle
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,11 @@ class RemoteTask:
         logits = self.query(split, prompts, outputs=(LOGITS,), purpose="eval", tag=tag).logits
         assert logits is not None
         return accuracy(logits, self.labels(split))
+
+
+# pycma's step-size adaptation (TPA) warns on every generation where nevergrad's mirrored samples look
+# inconsistent to it; the search is unaffected and the warning drowns the progress output.
+warnings.filterwarnings("ignore", message="TPA: apparent inconsistency", category=UserWarning)
 
 
 def make_optimizer(config: TuneConfig, dimension: int) -> Any:
