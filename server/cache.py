@@ -41,6 +41,17 @@ class ByteLRU(Generic[K, V]):
             self._items.move_to_end(key)
             self._trim()
 
+    def put_if_absent(self, key: K, value: V) -> V:
+        """Store ``value`` unless ``key`` is there already; return what is stored (first writer wins)."""
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found
+            self._items[key] = value
+            self._trim()
+            return value
+
     def trim(self) -> None:
         """Evict past the cap; call after an entry grew in place."""
         with self._lock:

@@ -56,8 +56,8 @@ class ImageStore:
         if found is not None:
             return found, True
         batch = ImageBatch(key, preprocess(images))
-        self._lru.put(key, batch)
-        return batch, False
+        stored = self._lru.put_if_absent(key, batch)  # concurrent uploads of one batch share one entry
+        return stored, stored is not batch
 
     def get(self, key: str) -> ImageBatch:
         batch = self._lru.get(key)

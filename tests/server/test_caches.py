@@ -80,3 +80,23 @@ def test_byte_lru_counts_and_caps() -> None:
     lru.put("c", b"1")
     assert "b" not in lru and "a" in lru and lru.nbytes == 6
     assert lru.get("zz") is None and (lru.hits, lru.misses) == (1, 1)
+
+
+def test_concurrent_uploads_of_one_batch_share_one_entry(service: InferenceService) -> None:
+    import threading
+
+    results = []
+    barrier = threading.Barrier(4)
+
+    def slow_preprocess(images: np.ndarray) -> torch.Tensor:
+        barrier.wait(timeout=10)  # all four miss the cache before any stores
+        return service._preprocess(images)
+
+    threads = [threading.Thread(target=lambda: results.append(service.images.put(_images(7), slow_preprocess)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(batch) for batch, _ in results}) == 1
+    assert sorted(cached for _, cached in results) == [False, True, True, True]
