@@ -74,9 +74,8 @@ _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perf-forward")
 def in_worker(fn: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``fn`` on a worker thread, as the server runs every forward (FastAPI's threadpool).
 
-    Measured here: on a loaded machine the same forward ran several times slower on the main
-    thread than on a worker thread, so comparing a main-thread forward with the server's would
-    flatter HTTP.
+    Seen during development: on a loaded machine the same forward ran slower on the main thread
+    than on a worker thread, so comparing a main-thread forward with the server's would flatter HTTP.
     """
     return lambda: _WORKER.submit(fn).result()
 

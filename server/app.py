@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bptvlm.shared.errors import BptvlmError, NotReadyError, RateLimitedError
+from bptvlm.shared.protocol import ErrorResponse
 
 from .config import Settings
 from .admission import RateLimiter
@@ -69,7 +70,12 @@ def _error_response(exc: BptvlmError) -> JSONResponse:
     headers = {}
     if isinstance(exc, (RateLimitedError, NotReadyError)):
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    return JSONResponse({"error": exc.message}, status_code=exc.status_code, headers=headers)
+    return _error(exc.message, exc.status_code, headers)
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error body has the contract's one shape: ``{"error": message}``."""
+    return JSONResponse(ErrorResponse(error=message).model_dump(), status_code=status, headers=headers)
 
 
 def create_app(settings: Settings | None = None, service: InferenceService | None = None) -> FastAPI:
@@ -108,10 +114,10 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
-        return JSONResponse({"error": f"invalid request at {where}: {first.get('msg', 'invalid')}"}, status_code=422)
+        return _error(f"invalid request at {where}: {first.get('msg', 'invalid')}", 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return _error(str(exc.detail), exc.status_code, exc.headers)
 
     return app

@@ -275,7 +275,7 @@ class InferenceService:
         model = self.model
         while True:
             try:
-                logits, forwards = self._forward(plan.batch, plan.class_texts, plan.context, plan.prompt, plan.params)
+                logits, forwards = self._forward(plan)
                 break
             except torch.OutOfMemoryError:
                 if model.device.type == "cuda":
@@ -296,16 +296,10 @@ class InferenceService:
             outputs[p.LOGITS] = logits.float().cpu().numpy()
         return outputs, forwards
 
-    def _forward(
-        self,
-        batch: ImageBatch,
-        class_texts: list[str],
-        context: np.ndarray | None,
-        prompt: np.ndarray | None,
-        params: dict[str, Any],
-    ) -> tuple[torch.Tensor, int]:
+    def _forward(self, plan: _Plan) -> tuple[torch.Tensor, int]:
         """Logits ``[P, N, C]`` and the number of images that went through the vision tower."""
-        model = self.model
+        model, batch, class_texts = self.model, plan.batch, plan.class_texts
+        context, prompt, params = plan.context, plan.prompt, plan.params
         ctx = None
         if context is not None:
             ctx = torch.from_numpy(context.astype(np.float32)).to(model.device, model.dtype)
