@@ -30,14 +30,16 @@ class CorpusConfig:
     """Mixture of pretraining scenes and caption dropout rates."""
 
     p_digit: float = 0.2
-    p_single: float = 0.6  # among shape scenes; the rest show 2-4 copies
-    p_large: float = 0.6  # among single shapes; large shapes teach shape fastest
+    p_single: float = 0.75  # among shape scenes; the rest show 2-4 copies
+    p_large: float = 0.75  # among single shapes: 45% of all scenes are one large shape, which teaches shape
     p_drop_colour: float = 0.15
-    p_drop_shape: float = 0.15  # "shape"/"shapes" instead of the shape name
+    p_drop_shape: float = 0.1  # "shape"/"shapes" instead of the shape name
     p_drop_background: float = 0.2
     p_photo_prefix: float = 0.5  # "a photo of ..."
-    hard_negative_fraction: float = 0.375  # of each batch, in groups of `group_size` minimal pairs
+    hard_negative_fraction: float = 0.25  # of each batch, in groups of `group_size` minimal pairs
     group_size: int = 4
+    # which attribute a minimal pair changes (background, shape, count, colour): shape is the hardest
+    vary_weights: tuple[float, float, float, float] = (0.2, 0.4, 0.2, 0.2)
 
 
 def sample_scene(rng: np.random.Generator, cfg: CorpusConfig, n_digits: int) -> tuple[Scene, int]:
@@ -74,13 +76,14 @@ def caption(scene: Scene, rng: np.random.Generator, cfg: CorpusConfig, digit: in
     return obj + "."
 
 
-def _vary(scene: Scene, rng: np.random.Generator, n_digits: int) -> tuple[Scene, int | None]:
+def _vary(scene: Scene, rng: np.random.Generator, n_digits: int,
+          weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)) -> tuple[Scene, int | None]:
     """A minimal pair of `scene`: one attribute changed (digit index None = keep the glyph)."""
     if scene.kind == "digit":
         if rng.random() < 0.5:
             return dataclasses.replace(scene, background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]), None
         return scene, int(rng.integers(n_digits))
-    attr = ("background", "shape", "count", "colour")[int(rng.integers(4))]
+    attr = ("background", "shape", "count", "colour")[int(rng.choice(4, p=np.asarray(weights) / sum(weights)))]
     if attr == "background":
         return dataclasses.replace(scene, background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]), None
     if attr == "shape":
@@ -110,7 +113,8 @@ class PairSampler:
         for _ in range(n_group):
             base, idx = sample_scene(self.rng, self.cfg, len(self.digits))
             for k in range(self.cfg.group_size):
-                scene, new_idx = (base, None) if k == 0 else _vary(base, self.rng, len(self.digits))
+                scene, new_idx = ((base, None) if k == 0
+                                  else _vary(base, self.rng, len(self.digits), self.cfg.vary_weights))
                 img, text = self._one(scene, idx if new_idx is None else new_idx)
                 images.append(img)
                 texts.append(text)

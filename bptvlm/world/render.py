@@ -138,14 +138,14 @@ def _texture(name: str, split: Split, rng: np.random.Generator) -> np.ndarray:
     patch = Image.fromarray(photo[y0:y0 + crop, x0:x0 + crop].astype(np.uint8))
     g = np.asarray(patch.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), dtype=np.float32)
     g = (g - g.mean()) / (g.std() + 1e-6)  # normalise contrast: the texture, not its brightness
-    g = np.clip(110 + 38 * g * rng.uniform(0.8, 1.2), 0, 255)
+    g = np.clip(110 + 25 * g * rng.uniform(0.8, 1.2), 0, 255)
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
 def _procedural(name: str, rng: np.random.Generator) -> np.ndarray:
     n = IMAGE_SIZE
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-    lo, hi = rng.uniform(40, 80), rng.uniform(140, 190)
+    lo, hi = rng.uniform(70, 95), rng.uniform(125, 150)  # low contrast: the shapes' edges must dominate
     if name == "stripes":
         period = rng.uniform(5, 8)
         angle = rng.choice([0.0, math.pi / 2, math.pi / 4, -math.pi / 4])
