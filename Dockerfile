@@ -18,7 +18,7 @@ COPY bptvlm ./bptvlm
 COPY server ./server
 COPY client ./client
 COPY shared ./shared
-RUN pip install . && useradd --create-home --uid 1000 bptvlm \
+RUN pip install ".[postgres]" && useradd --create-home --uid 1000 bptvlm \
     && mkdir -p /cache/huggingface /runs && chown -R bptvlm /cache /runs
 
 USER bptvlm

@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
 
 def open_ledger(settings: Settings) -> Ledger:
     """The ledger of ``settings.ledger`` (or one in memory), with the --api-key tokens and 'anonymous' in it."""
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, replica_id=settings.replica_id, lease_s=settings.ledger_lease_s)
     known = {k.name for k in ledger.keys()}
     for i, token in enumerate(settings.api_keys):
         if ledger.authenticate(token) is None:

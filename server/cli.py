@@ -6,11 +6,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from .app import create_app
     from .config import Settings
@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "seed": args.seed,
         "ledger": args.ledger,
+        "replica_id": args.replica_id,
         "api_keys": tuple(args.api_key) or None,
         "quota": args.quota,
         "requests_per_minute": args.requests_per_minute,
@@ -30,7 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
         "max_queue": args.max_queue,
         "request_timeout_s": args.request_timeout,
     }
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
+    except ValidationError as exc:  # e.g. a postgresql:// ledger without its driver
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"bptvlm serve: {problems}", file=sys.stderr)
+        return 2
     if args.json_logs:
         configure_json_logging(args.log_level)
     logging.getLogger().setLevel(args.log_level)
@@ -57,8 +63,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (half types: GPU only)")
     p.add_argument("--seed", type=int, help="seed of the random-weight models")
-    p.add_argument("--ledger", type=Path, help="SQLite ledger of API keys and usage (see `bptvlm keys`); "
+    p.add_argument("--ledger", help="ledger of API keys and usage (see `bptvlm keys`): a SQLite file, or "
+                   "postgresql://user@host:port/db for several replicas sharing one (needs bptvlm[postgres]); "
                    "keys are enforced and usage survives restarts")
+    p.add_argument("--replica-id", help="this server's stable name in a shared ledger: restarting under the same "
+                   "name frees its crashed reservations at once (default: a fresh name, freed after a lease)")
     p.add_argument("--api-key", action="append", default=[], help="also accept this bearer token (repeatable)")
     p.add_argument("--quota", type=int, help="candidates each --api-key token may evaluate (default unlimited)")
     p.add_argument("--requests-per-minute", type=int, help="rate limit of each --api-key token")
@@ -74,7 +83,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _keys(args: argparse.Namespace) -> int:
     from .ledger import Ledger
 
-    ledger = Ledger(args.ledger)
+    try:
+        ledger = Ledger(args.ledger)
+    except RuntimeError as exc:  # e.g. a postgresql:// ledger without the driver
+        print(f"bptvlm keys: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.keys_command == "create":
             token = ledger.create_key(args.name, quota=args.quota, requests_per_minute=args.requests_per_minute)
@@ -102,8 +115,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="manage API keys and quotas in a ledger (provider side)",
-                       description="API keys live hashed in a SQLite ledger together with what each has been "
-                       "charged. `bptvlm serve --ledger PATH` enforces them.")
+                       description="API keys live hashed in a ledger (a SQLite file or a postgresql:// URL) "
+                       "together with what each has been charged. `bptvlm serve --ledger PATH|URL` enforces them.")
     ks = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     create = ks.add_parser("create", help="add a key and print its token once",
                            description="Add a key; its token is printed once (only a hash is stored).")
@@ -117,7 +130,7 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
                           description="Candidates, requests and image forwards charged, and what remains.")
     usage.add_argument("name", nargs="?")
     for sp in (create, revoke, ks.choices["list"], usage):
-        sp.add_argument("--ledger", type=Path, required=True, help="the SQLite ledger file")
+        sp.add_argument("--ledger", required=True, help="the ledger: a SQLite file or a postgresql:// URL")
     p.set_defaults(func=_keys)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.util
+import os
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .ledger import POSTGRES_SCHEMES
 
 
 class Settings(BaseSettings):
@@ -23,8 +26,18 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = Field(default=0, description="seed of the tiny-random model's weights")
 
-    ledger: Path | None = Field(
-        default=None, description="SQLite ledger of keys and usage (`bptvlm keys create`); None = in memory"
+    ledger: str | None = Field(
+        default=None,
+        description="ledger of keys and usage (`bptvlm keys create`): a SQLite file path, or a postgresql:// "
+        "URL for several replicas sharing one; None = in memory",
+    )
+    replica_id: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="this server's name in the ledger; a restart under the same name frees its crashed "
+        "reservations at once (None: a fresh name each start; they are freed after the lease)",
+    )
+    ledger_lease_s: float = Field(
+        default=15.0, gt=0, description="a replica silent this long is gone: its reservations stop counting"
     )
     api_keys: tuple[str, ...] = Field(default=(), description="extra bearer tokens accepted (e.g. from the env)")
     quota: int | None = Field(default=None, ge=0, description="candidates each --api-key token (or anonymous) may use")
@@ -53,6 +66,18 @@ class Settings(BaseSettings):
     def open_mode(self) -> bool:
         """No ledger and no tokens: every caller is 'anonymous' (local demos)."""
         return self.ledger is None and not self.api_keys
+
+    @field_validator("ledger", mode="before")
+    @classmethod
+    def _ledger_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("ledger")
+    @classmethod
+    def _driver_present(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(POSTGRES_SCHEMES) and importlib.util.find_spec("psycopg") is None:
+            raise ValueError("a postgresql:// ledger needs the psycopg driver: pip install 'bptvlm[postgres]'")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -26,13 +27,19 @@ def _infer_body(pop: int) -> tuple[bytes, dict[str, str]]:
     return encode_request(inputs, outputs=["loss"])
 
 
-def test_sixteen_clients_share_a_quota_exactly(tmp_path: Path) -> None:
-    ledger_path = tmp_path / "ledger.db"
-    ledger = Ledger(ledger_path)
+@pytest.mark.parametrize("backend, replicas", [("sqlite", 1), ("postgres", 2)], ids=["sqlite-1", "postgres-2"])
+def test_sixteen_clients_share_a_quota_exactly(
+    backend: str, replicas: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """16 concurrent clients x 10 candidates a request on a 1,000-candidate key, spread over the
+    replicas (separate server processes on one ledger): exactly 100 answers and 1,000 charged."""
+    target = str(tmp_path / "ledger.db") if backend == "sqlite" else request.getfixturevalue("postgres_database")
+    ledger = Ledger(target)
     token = ledger.create_key("team", quota=1000)
     ledger.close()
     auth = {"Authorization": f"Bearer {token}"}
     body, headers = _infer_body(10)
+    answered: dict[str, int] = {}
     statuses: list[int] = []
     lock = threading.Lock()
 
@@ -42,23 +49,28 @@ def test_sixteen_clients_share_a_quota_exactly(tmp_path: Path) -> None:
                 r = http.post(f"{url}/v2/models/clip/infer", content=body, headers=headers | auth)
                 with lock:
                     statuses.append(r.status_code)
+                    answered[url] = answered.get(url, 0) + (r.status_code == 200)
                 if r.status_code == 429:
                     assert "Retry-After" not in r.headers and "query budget exhausted" in r.json()["error"]
                     return
                 assert r.status_code == 200, r.text
 
-    with local_server("tiny-random", args=["--ledger", str(ledger_path)]) as url:
-        threads = [threading.Thread(target=client, args=(url,)) for _ in range(16)]
+    with ExitStack() as servers:
+        urls = [servers.enter_context(local_server("tiny-random", args=["--ledger", target])) for _ in range(replicas)]
+        threads = [threading.Thread(target=client, args=(urls[i % replicas],)) for i in range(16)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert statuses.count(200) == 100 and statuses.count(429) == 16  # 100 x 10 candidates = the quota
-        assert httpx.get(f"{url}/v2/usage", headers=auth).json()["usage"]["candidates"] == 1000
+        assert len(answered) == replicas and min(answered.values()) > 0  # every replica charged some
+        assert httpx.get(f"{urls[0]}/v2/usage", headers=auth).json()["usage"]["candidates"] == 1000
 
-    with local_server("tiny-random", args=["--ledger", str(ledger_path)]) as url:  # a restart
+    with local_server("tiny-random", args=["--ledger", target]) as url:  # a restart
         report = httpx.get(f"{url}/v2/usage", headers=auth).json()
-        assert report == {"usage": {"candidates": 1000, "requests": 100, "image_forwards": 8}, "remaining": 0}
+        # each replica's image cache: the 8 images went through its vision tower once
+        assert report == {"usage": {"candidates": 1000, "requests": 100, "image_forwards": 8 * replicas},
+                          "remaining": 0}
         r = httpx.post(f"{url}/v2/models/clip/infer", content=body, headers=headers | auth)
         assert r.status_code == 429
 
