@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from bptvlm.shared.errors import GatewayTimeoutError, NotReadyError, RateLimitedError
 
 
+class OverloadedError(NotReadyError):
+    """The queue is full (503 + Retry-After): the server is busy, not broken."""
+
+
 class Admission:
     """At most one forward at a time; at most ``max_queue`` requests waiting, each at most ``timeout`` s.
 
@@ -29,7 +33,7 @@ class Admission:
         """Hold the device for the ``with`` body; yields the seconds spent waiting."""
         with self._state:
             if self.waiting >= self.max_queue:
-                raise NotReadyError(f"server overloaded: {self.waiting} requests are queued; retry later", 1.0)
+                raise OverloadedError(f"server overloaded: {self.waiting} requests are queued; retry later", 1.0)
             self.waiting += 1
         start = time.monotonic()
         try:

@@ -7,7 +7,6 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +17,7 @@ from bptvlm.shared.errors import BptvlmError, NotReadyError, RateLimitedError
 from bptvlm.shared.protocol import ErrorResponse
 
 from .config import Settings
+from .health import ProbeLoop
 from .admission import RateLimiter
 from .ledger import Ledger, hash_token
 from .observability import Metrics, request_context
@@ -52,18 +52,17 @@ def open_ledger(settings: Settings) -> Ledger:
 
 
 def build_service(settings: Settings, ledger: Ledger | None = None) -> InferenceService:
-    """Load the model, check one tiny forward pass, and wrap it in the service layer."""
+    """Load the model, wrap it in the service layer, and check one tiny forward pass (the readiness probe)."""
     device = resolve_device(settings.device)
     dtype = _DTYPES[settings.dtype]
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"dtype {settings.dtype} is for GPUs; use float32 on CPU")
     loaded = load_model(settings.model, seed=settings.seed)
     model = PromptedCLIP(loaded, device=device, dtype=dtype, max_batch_images=settings.max_batch_images)
-    size = model.limits.image_size
-    probe = model.encode_images(model.preprocess(np.zeros((1, size, size, 3), np.uint8)))
-    model.logits(probe, model.encode_text(model.tokenize(["a probe."])))
+    service = InferenceService(model, settings, ledger or open_ledger(settings))
+    service.probe()
     log.info("serving %s on %s (%s): %s", loaded.model_id, device, settings.dtype, model.limits)
-    return InferenceService(model, settings, ledger or open_ledger(settings))
+    return service
 
 
 def _error_response(exc: BptvlmError) -> JSONResponse:
@@ -89,9 +88,15 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
         built = app.state.service is None
         if built:
             app.state.service = build_service(settings)
+        service = app.state.service
+        probes = None
+        if settings.ready_probe_s > 0:  # keeps readiness current while no request comes
+            probes = ProbeLoop(service.probe, service.readiness, settings.ready_probe_s).start()
         yield
-        if built and app.state.service is not None:  # an injected service belongs to the caller
-            app.state.service.ledger.close()
+        if probes is not None:
+            probes.stop()
+        if built:  # an injected service belongs to the caller
+            service.ledger.close()
 
     app = FastAPI(
         title="bptvlm",

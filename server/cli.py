@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "ledger": args.ledger,
         "replica_id": args.replica_id,
+        "ready_probe_s": args.ready_probe_seconds,
         "api_keys": tuple(args.api_key) or None,
         "quota": args.quota,
         "requests_per_minute": args.requests_per_minute,
@@ -74,6 +75,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-images", type=int, help="images through the vision tower at once (memory bound)")
     p.add_argument("--max-queue", type=int, help="requests allowed to wait for the model before 503 (default 64)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may wait for the model before 504")
+    p.add_argument("--ready-probe-seconds", type=float, help="when no forward pass succeeded for this long, run "
+                   "a tiny one (charged to nobody) so readiness stays current (default 30; 0: never)")
     p.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, finish in-flight requests this long")
     p.add_argument("--json-logs", action="store_true", help="structured JSON log lines with request ids")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     quota: int | None = Field(default=None, ge=0, description="candidates each --api-key token (or anonymous) may use")
     requests_per_minute: int | None = Field(default=None, gt=0, description="rate limit of those tokens")
 
+    ready_probe_s: float = Field(
+        default=30.0, ge=0,
+        description="when no forward pass succeeded for this long, run a tiny one (charged to nobody) so that "
+        "readiness stays current; 0 = never",
+    )
     max_queue: int = Field(default=64, ge=0, description="requests waiting for the model before 503 + Retry-After")
     request_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for the model before 504")
     reply_ttl_s: float = Field(default=600.0, ge=0, description="how long a reply is kept for retried request ids")

@@ -111,10 +111,12 @@ def live() -> dict[str, bool]:
 
 @router.get("/v2/health/ready")
 def ready(request: Request) -> JSONResponse:
-    """Ready once the model is loaded and a forward pass succeeded."""
+    """Ready while the latest forward pass succeeded (a probe runs one when the server is idle)."""
     service = request.app.state.service
-    is_ready = service is not None and service.healthy
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    reason = "the model is still loading" if service is None else service.readiness.reason
+    if reason is not None:
+        return JSONResponse({"ready": False, "error": reason}, status_code=503)
+    return JSONResponse({"ready": True})
 
 
 @router.get("/v2", response_model=p.ServerMetadata)

@@ -21,8 +21,9 @@ from bptvlm.shared.errors import InvalidTensorError, NotReadyError, PayloadTooLa
 from bptvlm.shared.tensors import datatype_of
 
 from .config import Settings
-from .admission import Admission
+from .admission import Admission, OverloadedError
 from .cache import ByteLRU
+from .health import Readiness
 from .images import ImageBatch, ImageStore
 from .ledger import KeyRecord, Ledger
 from .model import PromptedCLIP, loss_per_candidate
@@ -133,7 +134,7 @@ class InferenceService:
         )
         self._in_flight: dict[tuple[int, str], threading.Event] = {}
         self._in_flight_lock = threading.Lock()
-        self.healthy = True  # False after a forward failed for want of memory, until one succeeds
+        self.readiness = Readiness()  # the latest forward's outcome (see health.py)
 
     # --- uploads ---------------------------------------------------------------------------------
 
@@ -238,6 +239,28 @@ class InferenceService:
         usage = p.Usage(candidates=plan.population, requests=1, image_forwards=forwards)
         return InferenceResult(outputs, usage, queue_s=queue_s, forward_s=forward_s)
 
+    def probe(self) -> None:
+        """One tiny forward through the request path (one image, one class, a one-vector prompt in each
+        tower, loss), charged to nobody; readiness records the outcome, and a failure is raised.
+        A full queue skips it: the server is busy, and the queued requests' forwards will tell."""
+        try:
+            with self.admission.slot():
+                self._run(self._probe_plan())
+        except OverloadedError:
+            log.info("readiness probe skipped: the queue is full")
+        except Exception as exc:
+            self.readiness.failed(f"readiness probe failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _probe_plan(self) -> _Plan:
+        lim = self.limits
+        size = lim.image_size
+        context = np.zeros((1, 1, lim.text_width), np.float32)  # [P=1, n=1, D_t]
+        prompt = np.zeros((1, 1, lim.vision_width), np.float32) if lim.max_visual_prompt else None  # [1, 1, D_v]
+        batch = ImageBatch("probe", self._preprocess(np.zeros((1, size, size, 3), np.uint8)))  # never stored
+        return _Plan(1, batch, ["a probe."], context, prompt, np.zeros(1, np.int64), {p.LOSS},
+                     self._parameters({}, context))
+
     def _plan(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray]) -> _Plan:
         unknown = sorted(set(arrays) - set(p.INPUT_NAMES))
         if unknown:
@@ -281,11 +304,12 @@ class InferenceService:
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()
                 if model.max_batch_images <= 1:
-                    self.healthy = False
-                    raise NotReadyError("out of memory even one image at a time; the server is not ready", 5.0) from None
+                    message = "out of memory even one image at a time; the server is not ready"
+                    self.readiness.failed(message)
+                    raise NotReadyError(message, 5.0) from None
                 model.max_batch_images = max(1, model.max_batch_images // 2)
                 log.warning("out of memory: micro-batch halved to %d images", model.max_batch_images)
-        self.healthy = True
+        self.readiness.succeeded()
         outputs: dict[str, np.ndarray] = {}
         if p.LOSS in plan.wanted:
             assert plan.labels is not None
