@@ -525,35 +525,41 @@ def _save(out: Path, projection: PromptProjection, z: np.ndarray, meta: dict[str
 
 
 def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Search, opt: Any) -> dict[str, Any]:
-    """Choose between the best candidate seen and the optimizer's recommendation (by validation
-    loss when there is a validation split, else by training loss); test both and zero-shot."""
+    """Choose among the best candidate seen, the optimizer's recommendation and, when there is a
+    validation split, the untuned template (z = 0) by validation loss (else best vs recommendation by
+    training loss); test each and zero-shot.
+
+    Keeping the template in the running means a search that only fitted the 16 shots falls back to
+    zero-shot instead of shipping a prompt that generalises worse."""
     assert search.best_z is not None
     rec_z = np.asarray(opt.provide_recommendation().value, dtype=np.float32)
     at = f"g{search.generations}"  # request-id tags: the same state asks the same questions
     out: dict[str, Any] = {}
-    names = ["best"]
-    zs = [search.best_z]
+    candidates = {"best": search.best_z}
     train_losses = [search.best_loss]
     if not np.array_equal(rec_z, search.best_z):
-        names.append("recommendation")
-        zs.append(rec_z)
+        candidates["recommendation"] = rec_z
         train_losses.append(float(task.losses("train", projection(rec_z[None, :]), tag=f"{at}-rec-train")[0]))
     out["recommendation_train_loss"] = train_losses[-1]
-    z = np.stack(zs)  # [1 or 2, d]
-    prompts = projection(z)
     if "val" in task.splits:
+        candidates["template"] = np.zeros_like(search.best_z)
+        prompts = projection(np.stack(list(candidates.values())))
         scores = task.losses("val", prompts, tag=f"{at}-val").astype(float).tolist()
         out["selected_by"] = "val_loss"
-        out["val_loss_best"], out["val_loss_recommendation"] = scores[0], scores[-1]
+        out.update({f"val_loss_{name}": score for name, score in zip(candidates, scores)})
     else:
+        prompts = projection(np.stack(list(candidates.values())))
         scores = train_losses
         out["selected_by"] = "train_loss"
+    names = list(candidates)
     pick = int(np.argmin(scores))
-    acc = task.accuracies("test", prompts, tag=f"{at}-test").astype(float).tolist()
-    out["test_accuracy_best"], out["test_accuracy_recommendation"] = acc[0], acc[-1]
+    acc = dict(zip(names, task.accuracies("test", prompts, tag=f"{at}-test").astype(float).tolist()))
+    out.update({f"test_accuracy_{name}": value for name, value in acc.items()})
+    out.setdefault("test_accuracy_recommendation", acc["best"])
     out["selected"] = names[pick]
-    out["test_accuracy"] = acc[pick]
+    out["test_accuracy"] = acc[names[pick]]
     out["zero_shot_accuracy"] = float(task.accuracies("test", {}, tag=f"{at}-zero-shot")[0])
+    zs = list(candidates.values())
     out["_z"] = zs[pick]
     return out
 
