@@ -172,7 +172,7 @@ def test_server_killed_mid_generation_is_survived(world: dict[str, Any], referen
     try:
         _wait_for(lambda: _lines(out / "progress.jsonl") >= 4 or proc.poll() is not None, 60, "4 generations")
         with sqlite3.connect(server.ledger) as db:  # kill while a generation is being computed (reserved, not charged)
-            _wait_for(lambda: db.execute("SELECT count(*) FROM reservations").fetchone()[0] > 0, 30, "a request in flight", 0.0005)
+            _wait_for(lambda: db.execute("SELECT count(*) FROM in_flight").fetchone()[0] > 0, 30, "a request in flight", 0.0005)
         server.kill()
         generations_at_kill = _lines(out / "progress.jsonl")
         assert proc.poll() is None and generations_at_kill < BUDGET // POPSIZE
