@@ -40,6 +40,8 @@ from bptvlm.shared.protocol import (
     ImageUploadResponse,
     ModelMetadata,
     PromptLimits,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
 )
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_response, encode_request
@@ -283,6 +285,16 @@ class ClipClient:
         if prompt is None:
             raise ProtocolError(f"model '{metadata.name}' metadata has no parameters['prompt']")
         return PromptLimits.model_validate(prompt)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """``POST /v2/models/{model}/tokenize``: tokens of each text under the served tokenizer (free)."""
+        body = TokenizeRequest(texts=list(texts)).model_dump_json().encode()
+        response = self._request("POST", f"/v2/models/{self.model}/tokenize", content=body,
+                                 headers={"Content-Type": "application/json"})
+        counts = TokenizeResponse.model_validate(response.json()).num_tokens
+        if len(counts) != len(texts):
+            raise ProtocolError(f"server counted {len(counts)} texts, {len(texts)} were sent")
+        return counts
 
     # --- images and inference -------------------------------------------------------------------
 

@@ -117,7 +117,9 @@ def add_commands(subparsers: Any) -> None:
     prompt.add_argument("--variant", action=_Given, choices=sorted(VARIANTS), default="joint", help="which prompts to tune: text context, visual prompt, or both (default: %(default)s)")
     prompt.add_argument("--intrinsic-dim-text", action=_Given, type=int, default=500, dest="d_text", help="dimensions of z for the text context (default: %(default)s)")
     prompt.add_argument("--intrinsic-dim-vision", action=_Given, type=int, default=500, dest="d_vision", help="dimensions of z for the visual prompt (default: %(default)s)")
-    prompt.add_argument("--n-ctx-text", action=_Given, type=int, default=8, help="text context vectors (replace the template's leading words) (default: %(default)s)")
+    prompt.add_argument("--n-ctx-text", action=_Given, type=int, default=None,
+                        help="text context vectors, initialised at the template's leading words "
+                             "(default: as many as those words have tokens, so zero is the template; 8 without a prefix)")
     prompt.add_argument("--n-ctx-vision", action=_Given, type=int, default=5, help="visual prompt tokens (default: %(default)s)")
     prompt.add_argument("--sigma", action=_Given, type=float, default=1.0, help="scale of the random projections (paper's sigma) (default: %(default)s)")
     prompt.add_argument(

@@ -169,6 +169,12 @@ def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMet
     )
 
 
+@router.post("/v2/models/{model_name}/tokenize", response_model=p.TokenizeResponse)
+def tokenize(body: p.TokenizeRequest, service: Service, key: LimitedKey) -> p.TokenizeResponse:
+    """Token counts of texts under the served tokenizer (no forward pass, not charged)."""
+    return p.TokenizeResponse(num_tokens=[len(ids) for ids in service.model.tokenize(body.texts).token_ids])
+
+
 @router.post("/v2/models/{model_name}/images", response_model=p.ImageUploadResponse, openapi_extra=_V2_BODY)
 async def upload_images(request: Request, service: Service, key: LimitedKey) -> p.ImageUploadResponse:
     """Store an image batch (input 'images', UINT8 [N, H, W, 3]); returns its content-hash id."""

@@ -160,6 +160,17 @@ class ImageUploadResponse(_Reply):
     cached: bool = Field(description="the batch was already stored (upload is idempotent)")
 
 
+class TokenizeRequest(_Message):
+    """Texts whose token counts a client needs, e.g. to give a template's prefix exactly its own
+    number of context vectors (then a context of zeros is the template itself)."""
+
+    texts: list[str] = Field(min_length=1, max_length=1024)
+
+
+class TokenizeResponse(_Reply):
+    num_tokens: list[int] = Field(description="tokens of each text, without the start and end tokens")
+
+
 class ErrorResponse(_Reply):
     error: str
 

@@ -74,6 +74,9 @@ class FakeServer:
             cached = batch_id in self.batches
             self.batches[batch_id] = len(images)
             return httpx.Response(200, json={"image_batch": batch_id, "num_images": len(images), "cached": cached})
+        if path == "/v2/models/clip/tokenize":  # one token per word
+            texts = json.loads(request.content)["texts"]
+            return httpx.Response(200, json={"num_tokens": [len(t.split()) for t in texts]})
         if path == "/v2/models/clip/infer":
             return self._infer(request)
         return httpx.Response(404, json={"error": f"no route {path}"})

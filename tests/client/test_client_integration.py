@@ -51,6 +51,17 @@ def live(app_http: TestClient) -> ClipClient:
     return ClipClient("http://testserver", http=app_http)
 
 
+def test_default_context_makes_zero_the_template(live: ClipClient, tmp_path: Path) -> None:
+    """With the default context length (the prefix's tokens) z = 0 scores exactly like zero-shot."""
+    size = live.prompt_limits().image_size
+    config = TuneConfig(budget=20, popsize=10, variant="text", d_text=40)
+    data = _colour_task(size)
+    data.val_images, data.val_labels = data.test_images, data.test_labels
+    summary = run_tuning(live, data, config, tmp_path, progress=False)
+    assert load_prompts(tmp_path / "prompts.safetensors").tensors["text_context"].shape[1] == live.count_tokens(["a photo of a"])[0]
+    assert summary["test_accuracy_template"] == summary["zero_shot_accuracy"]
+
+
 def test_tuning_through_the_real_app_charges_exactly(live: ClipClient, tmp_path: Path) -> None:
     size = live.prompt_limits().image_size
     config = TuneConfig(budget=200, popsize=20, optimizer="CMA", **SMALL)

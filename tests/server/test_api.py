@@ -84,6 +84,19 @@ def test_zero_context_with_context_init_is_the_template(client: TestClient) -> N
     np.testing.assert_allclose(l0, l1, atol=1e-4)
 
 
+def test_tokenize_counts_tokens_and_charges_nothing(client: TestClient, tiny_model) -> None:
+    texts = ["a photo of a", "a photo of", ""]
+    r = client.post("/v2/models/clip/tokenize", json={"texts": texts})
+    assert r.status_code == 200
+    assert r.json()["num_tokens"] == [len(ids) for ids in tiny_model.tokenize(texts).token_ids]
+    assert r.json()["num_tokens"][2] == 0
+    assert client.get("/v2/usage").json()["usage"]["candidates"] == 0
+    r = client.post("/v2/models/clip/tokenize", json={"texts": []})
+    assert r.status_code == 422 and "texts" in r.json()["error"]
+    r = client.post("/v2/models/clip/tokenize", json={"text": "a photo of a"})
+    assert r.status_code == 422 and "text" in r.json()["error"]
+
+
 def _drop(name: str) -> dict:
     inputs = _valid()
     del inputs[name]
@@ -182,6 +195,7 @@ def test_auth_unknown_model_and_budget() -> None:
         assert r.status_code == 401 and "missing API key" in r.json()["error"]
         r = c.get("/v2/models/clip", headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.json()["error"] == "unknown API key"
+        assert c.post("/v2/models/clip/tokenize", json={"texts": ["a"]}).status_code == 401
         c.headers["Authorization"] = "Bearer k1"
         r = c.get("/v2/models/other")
         assert r.status_code == 404 and "model 'other' is not served here; this server serves 'clip'" in r.json()["error"]
