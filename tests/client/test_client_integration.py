@@ -118,7 +118,7 @@ def test_cli_tune_and_eval_on_an_image_folder(
     assert args.func(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_queries"] == 12 and summary["class_names"] == ["blue thing", "red thing"]
-    assert summary["variant"] == "joint" and summary["d_vision"] == 0 and summary["selected_by"] == "val_loss"
+    assert summary["variant"] == "joint" and summary["d_vision"] == 0 and summary["selected_by"] == "val_accuracy"
     assert "test_accuracy" in capsys.readouterr().out
 
     args = _parser().parse_args(["eval", "--endpoint", "http://testserver", "--data", str(data), "--prompts", str(out / "prompts.safetensors")])

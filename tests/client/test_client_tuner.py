@@ -114,7 +114,7 @@ def test_same_seed_same_run_other_seed_other_run(make_client: Callable[..., Clip
 
 def test_validation_split_selects_by_val_loss(client: ClipClient, tmp_path: Path) -> None:
     summary = run_tuning(client, _data(val=True), TuneConfig(budget=30, popsize=10, optimizer="TBPSA", **SMALL), tmp_path, progress=False)
-    assert summary["selected_by"] == "val_loss" and summary["num_val"] == 4
+    assert summary["selected_by"] == "val_accuracy" and summary["num_val"] == 4
     assert summary["selected"] in ("best", "recommendation", "template")
     assert "val_loss_best" in summary and "val_loss_template" in summary and "test_accuracy_recommendation" in summary
 
