@@ -120,7 +120,8 @@ def add_commands(subparsers: Any) -> None:
     prompt.add_argument("--n-ctx-text", action=_Given, type=int, default=None,
                         help="text context vectors, initialised at the template's leading words "
                              "(default: as many as those words have tokens, so zero is the template; 8 without a prefix)")
-    prompt.add_argument("--n-ctx-vision", action=_Given, type=int, default=5, help="visual prompt tokens (default: %(default)s)")
+    prompt.add_argument("--n-ctx-vision", action=_Given, type=int, default=None,
+                        help="visual prompt vectors (default: 5 appended tokens; one per vision position for 'add')")
     prompt.add_argument("--sigma", action=_Given, type=float, default=1.0, help="scale of the random projections (paper's sigma) (default: %(default)s)")
     prompt.add_argument(
         "--template",
@@ -135,7 +136,9 @@ def add_commands(subparsers: Any) -> None:
         action=_Given,
         choices=PLACEMENTS,
         default="pre_ln",
-        help="visual prompt tokens before the vision pre-layer-norm (pre_ln, the paper) or after it (post_ln) (default: %(default)s)",
+        help="visual prompt tokens appended before the vision pre-layer-norm (pre_ln, the paper) or after it "
+        "(post_ln, ours), or one vector added to each vision position after it (add, ours: a zero prompt is no prompt) "
+        "(default: %(default)s)",
     )
     out = tune.add_argument_group("output")
     out.add_argument(

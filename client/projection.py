@@ -9,8 +9,8 @@ leave the client:
 - ``A_vision ~ N(patch_embedding_mean * K / d_vision, patch_embedding_std * sqrt(K / d_vision) * sigma)``
   with ``K = num_channels * patch_size**2`` of the served model (the paper's 3072 is ViT-B/32's
   3 x 32 x 32) when the visual prompt goes before the pre-layer-norm (``pre_ln``, the paper);
-- ``A_vision ~ N(0, patch_token_std / (sqrt(d_vision) * sigma))`` when it goes after it (``post_ln``),
-  scaled like the text so that sigma keeps its meaning.
+- ``A_vision ~ N(0, patch_token_std / (sqrt(d_vision) * sigma))`` when it goes after it (``post_ln``)
+  or is added to each position after it (``add``), scaled like the text so that sigma keeps its meaning.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from bptvlm.shared.protocol import TEXT_CONTEXT, VISUAL_PROMPT, PromptLimits
+from bptvlm.shared.protocol import TEXT_CONTEXT, VISUAL_PROMPT, PromptLimits, vision_positions
 
-PLACEMENTS = ("pre_ln", "post_ln")
+PLACEMENTS = ("pre_ln", "post_ln", "add")
 
 
 class PromptProjection:
@@ -49,12 +49,15 @@ class PromptProjection:
                 raise ValueError(f"{name} must be >= 0, received {value}")
         if n_ctx_text > limits.max_text_context:
             raise ValueError(f"n_ctx_text={n_ctx_text} exceeds the server's max_text_context={limits.max_text_context}")
-        if n_ctx_vision > limits.max_visual_prompt:
+        if n_ctx_vision > limits.max_visual_prompt and visual_prompt_position != "add":
             raise ValueError(f"n_ctx_vision={n_ctx_vision} exceeds the server's max_visual_prompt={limits.max_visual_prompt}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, received {sigma}")
         if visual_prompt_position not in PLACEMENTS:
             raise ValueError(f"visual_prompt_position must be one of {PLACEMENTS}, received {visual_prompt_position!r}")
+        if visual_prompt_position == "add" and d_vision and n_ctx_vision not in (0, vision_positions(limits)):
+            raise ValueError(f"an 'add' visual prompt has one vector per vision position ({vision_positions(limits)}), "
+                             f"received n_ctx_vision={n_ctx_vision}")
         self.limits = limits
         self.sigma = float(sigma)
         self.seed = int(seed)
@@ -87,7 +90,7 @@ class PromptProjection:
         if self.d_vision == 0:
             return 0.0, 0.0
         lim = self.limits
-        if self.visual_prompt_position == "post_ln":
+        if self.visual_prompt_position in ("post_ln", "add"):
             return 0.0, lim.patch_token_std / (math.sqrt(self.d_vision) * self.sigma)
         k = lim.num_channels * lim.patch_size**2
         return lim.patch_embedding_mean * k / self.d_vision, lim.patch_embedding_std * math.sqrt(k / self.d_vision) * self.sigma

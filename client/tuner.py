@@ -40,7 +40,9 @@ from bptvlm.shared.protocol import (
     TEXT_CONTEXT,
     VISUAL_PROMPT,
     ModelMetadata,
+    PromptLimits,
     Usage,
+    vision_positions,
 )
 
 from .api import ClipClient, InferResult
@@ -78,7 +80,7 @@ class TuneConfig:
     d_text: int = 500
     d_vision: int = 500
     n_ctx_text: int | None = None  # None: the template prefix's own token count (z = 0 is the template)
-    n_ctx_vision: int = 5
+    n_ctx_vision: int | None = None  # None: 5 appended tokens, or one per vision position for 'add'
     sigma: float = 1.0
     template: str | None = None  # None: the task's own template, else DEFAULT_TEMPLATE
     loss: str = "ce"
@@ -106,11 +108,12 @@ class TuneConfig:
         """Effective (d_text, d_vision) after the variant and zero n_ctx switch modalities off."""
         text, vision = VARIANTS[self.variant]
         d_text = self.d_text if text and (self.n_ctx_text is None or self.n_ctx_text > 0) else 0
-        d_vision = self.d_vision if vision and self.n_ctx_vision > 0 else 0
+        d_vision = self.d_vision if vision and (self.n_ctx_vision is None or self.n_ctx_vision > 0) else 0
         return d_text, d_vision
 
 
 DEFAULT_N_CTX_TEXT = 8  # the paper's context length, used when the template has no prefix
+DEFAULT_N_CTX_VISION = 5  # the paper's visual prompt tokens (appended placements)
 
 
 @dataclass(frozen=True)
@@ -383,6 +386,14 @@ def text_context_length(client: ClipClient, config: TuneConfig, template: Templa
     return max(1, client.count_tokens([template.prefix])[0])
 
 
+def visual_prompt_length(limits: PromptLimits, config: TuneConfig) -> int:
+    """Visual prompt vectors: ``config.n_ctx_vision``, or by default 5 appended tokens (the paper's)
+    or, for ``add``, one per vision position."""
+    if config.n_ctx_vision is not None:
+        return config.n_ctx_vision
+    return vision_positions(limits) if config.visual_prompt_position == "add" else DEFAULT_N_CTX_VISION
+
+
 def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
     metadata = client.model_metadata()
     limits = client.prompt_limits(metadata)
@@ -392,7 +403,7 @@ def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
     projection = PromptProjection(
         limits,
         n_ctx_text=text_context_length(client, config, template) if d_text else 0,
-        n_ctx_vision=config.n_ctx_vision,
+        n_ctx_vision=visual_prompt_length(limits, config) if d_vision else 0,
         d_text=d_text,
         d_vision=d_vision,
         sigma=config.sigma,

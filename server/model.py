@@ -190,7 +190,8 @@ class PromptedCLIP:
     ) -> torch.Tensor:
         """Normalised image features ``[P, N, E]`` (``P = 1`` without prompt).
 
-        ``pixel_values``: ``[N, 3, S, S]``; ``prompt``: ``[P, m, D_vision]``.
+        ``pixel_values``: ``[N, 3, S, S]``; ``prompt``: ``[P, m, D_vision]`` (``m`` = the tower's
+        positions for ``placement="add"``, any ``m`` for the appended placements).
         """
         n = pixel_values.shape[0]
         if prompt is None:
@@ -200,12 +201,16 @@ class PromptedCLIP:
         per_chunk = max(1, self.max_batch_images // n)
         for img_sl in _chunks(n, self.max_batch_images):
             tokens = self._vision_tokens(pixel_values[img_sl])  # [n', T, Dv], positions added
-            if placement == "post_ln":
+            if placement != "pre_ln":
                 tokens = self._vision.pre_layrnorm(tokens)
             part = []
             for sl in _chunks(prompt.shape[0], per_chunk):
                 pr = prompt[sl].to(self.device, self.dtype)  # [p, m, Dv]
                 p, nn_ = pr.shape[0], tokens.shape[0]
+                if placement == "add":  # m == T: the prompt shifts every position, the sequence keeps its length
+                    x = (tokens.unsqueeze(0) + pr.unsqueeze(1)).reshape(p * nn_, -1, tokens.shape[-1])
+                    part.append(self._vision_tower(x, normed=True).reshape(p, nn_, -1))
+                    continue
                 x = torch.cat(
                     [tokens.unsqueeze(0).expand(p, -1, -1, -1), pr.unsqueeze(1).expand(-1, nn_, -1, -1)], dim=2
                 ).reshape(p * nn_, -1, tokens.shape[-1])  # [p * n', T + m, Dv]

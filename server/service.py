@@ -267,7 +267,8 @@ class InferenceService:
             raise InvalidTensorError(f"unknown input {unknown[0]!r}; inputs are {', '.join(p.INPUT_NAMES)}")
         lim = self.limits
         context = _finite_prompt(arrays, p.TEXT_CONTEXT, lim.text_width, lim.max_text_context)
-        prompt = _finite_prompt(arrays, p.VISUAL_PROMPT, lim.vision_width, lim.max_visual_prompt)
+        # an 'add' prompt has one vector per vision position, which may be more than appended prompts may
+        prompt = _finite_prompt(arrays, p.VISUAL_PROMPT, lim.vision_width, max(lim.max_visual_prompt, p.vision_positions(lim)))
         if context is not None and context.shape[1] < 1:
             raise InvalidTensorError(
                 f"input '{p.TEXT_CONTEXT}': needs at least one context vector, received {_describe(context)}"
@@ -290,7 +291,7 @@ class InferenceService:
         batch = self._image_batch(arrays)
         labels = self._labels(arrays, batch.num_images, len(class_texts))
         wanted = self._outputs(request, labels is not None)
-        params = self._parameters(request.parameters or {}, context)
+        params = self._parameters(request.parameters or {}, context, prompt)
         return _Plan(population, batch, class_texts, context, prompt, labels, wanted, params)
 
     def _run(self, plan: _Plan) -> tuple[dict[str, np.ndarray], int]:
@@ -375,7 +376,8 @@ class InferenceService:
             raise InvalidTensorError(f"output '{p.LOSS}' needs the input '{p.LABELS}' (INT64 [N])")
         return wanted
 
-    def _parameters(self, params: dict[str, Any], context: np.ndarray | None) -> dict[str, Any]:
+    def _parameters(self, params: dict[str, Any], context: np.ndarray | None,
+                    prompt: np.ndarray | None = None) -> dict[str, Any]:
         known = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
                  "binary_data_output"}
         unknown = sorted(set(params) - known)
@@ -388,9 +390,15 @@ class InferenceService:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 10:
             raise ProtocolError(f"parameter '{p.PARAM_FOCAL_GAMMA}' must be a number in [0, 10], received {gamma!r}")
         placement = params.get(p.PARAM_VISUAL_PROMPT_POSITION, "pre_ln")
-        if placement not in ("pre_ln", "post_ln"):
+        if placement not in ("pre_ln", "post_ln", "add"):
             raise ProtocolError(
-                f"parameter '{p.PARAM_VISUAL_PROMPT_POSITION}' must be 'pre_ln' or 'post_ln', received {placement!r}"
+                f"parameter '{p.PARAM_VISUAL_PROMPT_POSITION}' must be 'pre_ln', 'post_ln' or 'add', received {placement!r}"
+            )
+        positions = p.vision_positions(self.limits)
+        if placement == "add" and prompt is not None and prompt.shape[1] != positions:
+            raise InvalidTensorError(
+                f"input '{p.VISUAL_PROMPT}': visual_prompt_position 'add' needs one vector per vision position "
+                f"({positions} = class token + patches), received {prompt.shape[1]}"
             )
         init = params.get(p.PARAM_CONTEXT_INIT)
         if init is not None:

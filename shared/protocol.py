@@ -40,7 +40,10 @@ OUTPUT_NAMES = (LOSS, LOGITS)
 # Request parameters the server understands.
 PARAM_LOSS = "loss"  # "ce" (default) or "focal"
 PARAM_FOCAL_GAMMA = "focal_gamma"  # float, default 2.0
-PARAM_VISUAL_PROMPT_POSITION = "visual_prompt_position"  # "pre_ln" (paper) or "post_ln" (ours)
+# Where the visual prompt enters the vision tower: "pre_ln" (the paper: appended tokens before the
+# pre-layer-norm), "post_ln" (ours: appended after it) or "add" (ours: one vector added to each of the
+# tower's positions after the pre-layer-norm, so a zero prompt is exactly no prompt).
+PARAM_VISUAL_PROMPT_POSITION = "visual_prompt_position"
 # Text whose token embeddings the server adds to text_context (zero-padded to n_ctx), so that a
 # context of zeros reproduces the hand-written template without the client ever seeing an embedding.
 PARAM_CONTEXT_INIT = "context_init"
@@ -175,4 +178,10 @@ class ErrorResponse(_Reply):
     error: str
 
 
-Placement = Literal["pre_ln", "post_ln"]
+Placement = Literal["pre_ln", "post_ln", "add"]
+
+
+def vision_positions(limits: PromptLimits) -> int:
+    """Tokens the vision tower sees without a prompt: the class token and one per patch. An "add"
+    visual prompt has exactly this many vectors, one added to each position."""
+    return (limits.image_size // limits.patch_size) ** 2 + 1

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from bptvlm.server.app import create_app
 from bptvlm.server.config import Settings
+from bptvlm.shared import protocol as p
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_response, encode_request
 
 W = 32  # text and vision width of the tiny model
@@ -86,11 +87,12 @@ def test_zero_context_with_context_init_is_the_template(client: TestClient) -> N
 
 def test_tokenize_counts_tokens_and_charges_nothing(client: TestClient, tiny_model) -> None:
     texts = ["a photo of a", "a photo of", ""]
+    charged = client.get("/v2/usage").json()["usage"]["candidates"]
     r = client.post("/v2/models/clip/tokenize", json={"texts": texts})
     assert r.status_code == 200
     assert r.json()["num_tokens"] == [len(ids) for ids in tiny_model.tokenize(texts).token_ids]
     assert r.json()["num_tokens"][2] == 0
-    assert client.get("/v2/usage").json()["usage"]["candidates"] == 0
+    assert client.get("/v2/usage").json()["usage"]["candidates"] == charged
     r = client.post("/v2/models/clip/tokenize", json={"texts": []})
     assert r.status_code == 422 and "texts" in r.json()["error"]
     r = client.post("/v2/models/clip/tokenize", json={"text": "a photo of a"})
@@ -143,12 +145,23 @@ def test_bad_tensors_are_named(client: TestClient, inputs: dict, status: int, me
     assert message in r.json()["error"]
 
 
+def test_add_prompt_needs_one_vector_per_position(client: TestClient) -> None:
+    lim = p.PromptLimits.model_validate(client.get("/v2/models/clip").json()["parameters"]["prompt"])
+    positions = p.vision_positions(lim)
+    bad = _valid() | {"visual_prompt": np.zeros((4, 3, lim.vision_width), np.float32)}
+    r = _post(client, bad, parameters={"visual_prompt_position": "add"})
+    assert r.status_code == 422
+    assert f"visual_prompt_position 'add' needs one vector per vision position ({positions}" in r.json()["error"]
+    good = _valid() | {"visual_prompt": np.zeros((4, positions, lim.vision_width), np.float32)}
+    assert _post(client, good, parameters={"visual_prompt_position": "add"}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
         ({"loss": "hinge"}, "parameter 'loss' must be 'ce' or 'focal', received 'hinge'"),
         ({"focal_gamma": "x"}, "parameter 'focal_gamma' must be a number"),
-        ({"visual_prompt_position": "middle"}, "must be 'pre_ln' or 'post_ln'"),
+        ({"visual_prompt_position": "middle"}, "must be 'pre_ln', 'post_ln' or 'add'"),
         ({"context_init": "a very long photo of a nice"}, "has 14 tokens, more than the 4 context vectors"),
         ({"temperature": 2}, "unknown request parameter 'temperature'"),
     ],

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bptvlm.shared.protocol import vision_positions
 from bptvlm.server.model import PromptedCLIP, loss_per_candidate
 
 CLASSES = ["dog.", "red circle.", "seven.", "a large blue square."]
@@ -76,6 +77,26 @@ def test_placements_differ(tiny_model: PromptedCLIP) -> None:
     pixels = tiny_model.preprocess(_images(3))
     prompt = torch.randn(2, 2, tiny_model.limits.vision_width)
     assert not torch.allclose(tiny_model.encode_images(pixels, prompt, "pre_ln"), tiny_model.encode_images(pixels, prompt, "post_ln"))
+
+
+def test_zero_add_prompt_is_no_prompt_and_chunks_agree(tiny_model: PromptedCLIP) -> None:
+    """The additive placement: zeros at every position change nothing (unlike appended zero tokens)."""
+    pixels = tiny_model.preprocess(_images(5))
+    positions = vision_positions(tiny_model.limits)
+    plain = tiny_model.encode_images(pixels)
+    zeros = torch.zeros(2, positions, tiny_model.limits.vision_width)
+    torch.testing.assert_close(tiny_model.encode_images(pixels, zeros, "add"), plain.expand(2, -1, -1), atol=1e-5, rtol=0)
+    appended = tiny_model.encode_images(pixels, torch.zeros(2, 5, tiny_model.limits.vision_width), "post_ln")
+    assert not torch.allclose(appended, plain.expand(2, -1, -1), atol=1e-3)
+    prompt = torch.randn(6, positions, tiny_model.limits.vision_width)
+    whole = tiny_model.encode_images(pixels, prompt, "add")
+    assert not torch.allclose(whole, plain.expand(6, -1, -1), atol=1e-3)
+    saved = tiny_model.max_batch_images
+    try:
+        tiny_model.max_batch_images = 3
+        torch.testing.assert_close(tiny_model.encode_images(pixels, prompt, "add"), whole, atol=1e-6, rtol=0)
+    finally:
+        tiny_model.max_batch_images = saved
 
 
 def test_loss_is_mean_cross_entropy_per_candidate() -> None:
