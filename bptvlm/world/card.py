@@ -7,23 +7,37 @@ from pathlib import Path
 
 _NOTES = """\
 ## Design choices and trade-offs
-- **Patch 8 on 32 px (16 patches + CLS).** Patch 4 (64 patches) would make the 5 appended visual
+- **Patch 8 on 32 px (16 patches + CLS).** Patch 4 (64 patches) would make 5 appended visual
   prompt tokens 7% of the sequence instead of 23%, but measured on these 2 cores it trains ~3x slower
   (297 vs 915 pairs/s) and runs image forwards ~5x slower (514 vs 2,797 images/s). Joint tuning
   forwards every training image for every candidate (~250k image forwards per task at 2,000 queries),
-  so patch 4 would put the 6-task demo far past 10 minutes. The swamping is addressed on the prompt
-  side (placement and scale of the visual tokens), not by the patch size.
+  so patch 4 would put the demo far past 10 minutes. The swamping is addressed on the prompt side
+  instead: the `add` placement shifts the existing 17 positions rather than appending tokens.
 - **World.** Shapes (circle, square, triangle, star, cross, diamond) in 8 colours, 1-4 copies, large
-  or small, on 7 backgrounds (plain, brick/grass/gravel photos from scikit-image, stripes,
-  checkerboard, dots), plus recoloured MNIST digits. Captions name colour, shape, count/size,
-  background, each sometimes dropped ("a photo of three red shapes.").
-- **Hard negatives**: 37.5% of each batch comes in groups of 4 minimal pairs (one attribute changed);
-  captions that are identical strings count as positives of each other (soft InfoNCE targets).
+  or small, on 7 low-contrast backgrounds (plain, brick/grass/gravel photos from scikit-image, stripes,
+  checkerboard, dots), plus recoloured MNIST digits (20%). 45% of scenes are one large shape, which
+  is what teaches shape; captions name colour, shape, count/size and background, each sometimes
+  dropped ("a photo of three red shapes.").
+- **Hard negatives**: 25% of each batch comes in groups of 4 minimal pairs (one attribute changed,
+  shape twice as often as the others); captions that are identical strings count as positives of
+  each other (soft InfoNCE targets).
 - **Held out**: task images use MNIST glyphs and texture regions never seen in pretraining;
   `uci_digit` (8x8 UCI digits, grey on black) is a domain shift; `*_synonym` tasks use class names the
   captions never contain (disk, wedge, crimson, ...): zero-shot is poor by design, tuning has room.
 - **Tokenizer**: BPE with merges learned by a deterministic trainer (the `tokenizers` trainer breaks
   ties differently per process), every letter/digit/punctuation in the vocabulary, eos id 3.
+
+## What it learned, honestly
+- The image side learned every attribute: linear probes read shape (0.88), colour (0.98-1.00),
+  count (0.93), background (0.95) and shape+colour (0.79).
+- The text side lags on shape: zero-shot shape is 0.55 although a probe reads 0.88, the gap prompt
+  tuning works on. MNIST digits reach 0.48 zero-shot; UCI digits are at chance zero-shot (probe 0.54).
+- Synonym tasks sit at or below chance zero-shot by design while probes read them at 0.87-1.00. A
+  class-agnostic context cannot teach a 2-layer text tower what an unseen word means, so these gaps
+  close only partly.
+- The previous shipped model (8.5 nominal minutes, high-contrast backgrounds, 37.5% hard negatives)
+  never learned shape (zero-shot 0.23, probe 0.36); the world change, not only the longer schedule,
+  fixed that: a 10-minute run of this recipe already had shape probe 0.64 and zero-shot 0.53.
 """
 
 
