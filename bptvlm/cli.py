@@ -31,6 +31,10 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
                    help="model spec as for `serve` (embedded, tiny-random, random-vit-b32, a directory)")
     p.add_argument("--population", type=int, default=30)
     p.add_argument("--micro-population", type=int, default=1000, help="population of the micro-batching check")
+    p.add_argument("--text-population", type=int,
+                   help="population of the trimmed_vs_full text-tower timing (default: --population); the text "
+                   "tower's cost does not depend on --shots, so it can run at full size while the joint "
+                   "ratios run at reduced sizes on a slow machine")
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
@@ -55,17 +59,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "under --out.",
     )
     p.add_argument("--model", default="embedded", help="model spec for the server (default: embedded)")
-    p.add_argument("--tasks", help="comma-separated task names (default: all; see `bptvlm tasks list`)")
-    p.add_argument("--budget", type=int, default=1500, help="training queries per task and seed")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; the table averages over them")
+    p.add_argument("--tasks", help="comma-separated task names (default: the suite, every task `bptvlm tasks list` "
+                   "marks 'suite')")
+    p.add_argument("--budget", type=int, default=2000, help="training queries per task and seed (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the table averages over them (default: %(default)s)")
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--optimizer", default="DiagonalCMA", help="nevergrad optimizer name (DiagonalCMA measured best here: BENCHMARKS.md)")
     p.add_argument("--popsize", type=int, default=30)
     p.add_argument("--variant", default="text", choices=["joint", "text", "vision"],
                    help="which prompts to tune (default text: ~1 min for all tasks on 2 cores; joint, the "
                    "paper's, forwards every image per candidate and takes about 85 s per task)")
-    p.add_argument("--visual-prompt-position", default="pre_ln", choices=["pre_ln", "post_ln"],
-                   help="pre_ln: the paper's placement; post_ln: after the pre-layer-norm (ours)")
+    p.add_argument("--visual-prompt-position", default="pre_ln", choices=["pre_ln", "post_ln", "add"],
+                   help="pre_ln: tokens appended before the pre-layer-norm (the paper's); post_ln: appended after "
+                   "it (ours); add: one vector added to each vision position (ours; zero = no prompt)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

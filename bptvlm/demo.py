@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from bptvlm.launch import local_server
     from bptvlm.world.tasks import list_tasks, load_task
 
-    tasks = args.tasks.split(",") if args.tasks else [t.name for t in list_tasks()]
+    tasks = args.tasks.split(",") if args.tasks else [t.name for t in list_tasks(suite_only=True)]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ def _tasks_list(args: argparse.Namespace) -> int:
     from bptvlm.world.tasks import list_tasks
 
     for task in list_tasks():
-        print(f"{task.name}\t{len(task.class_names)} classes\t{task.description}")
+        suite = "suite" if task.suite else "check"
+        print(f"{task.name}\t{len(task.class_names)} classes\t{suite}\t{task.description}")
     return 0
 
 

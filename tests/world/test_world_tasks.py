@@ -69,3 +69,9 @@ def test_export_writes_imagefolder(tmp_path: Path) -> None:
             files = list((out / split / folder).glob("*.png"))
             assert len(files) == per_class
         assert np.asarray(Image.open(files[0])).shape == (32, 32, 3)
+
+
+def test_suite_leaves_out_only_checks_without_headroom() -> None:
+    suite = [t.name for t in list_tasks(suite_only=True)]
+    assert len(suite) >= 6 and "colour" not in suite
+    assert [t.name for t in list_tasks() if not t.suite] == ["colour"]
