@@ -1,0 +1,77 @@
+"""Text-only, vision-only and joint prompts side by side, through the API, on the embedded model.
+
+    python scripts/compare_variants.py --tasks shape,count,uci_digit,shape_synonym --seeds 0
+
+One server; for every task and seed, every configuration below is tuned with the demo's defaults
+(DiagonalCMA, population 30, 2,000 training queries, 16 shots) and its test accuracy printed next to
+zero-shot. Configurations: text; vision and joint with the paper's placement (pre_ln) and with our
+two (post_ln: appended after the pre-layer-norm; add: one vector added to each vision position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bptvlm.client.api import ClipClient
+from bptvlm.client.tuner import TuneConfig, run_tuning
+from bptvlm.launch import local_server
+from bptvlm.world.tasks import load_task
+
+CONFIGS = {
+    "text": {"variant": "text"},
+    "vision pre_ln": {"variant": "vision", "visual_prompt_position": "pre_ln"},
+    "vision add": {"variant": "vision", "visual_prompt_position": "add"},
+    "joint pre_ln": {"variant": "joint", "visual_prompt_position": "pre_ln"},
+    "joint post_ln": {"variant": "joint", "visual_prompt_position": "post_ln"},
+    "joint add": {"variant": "joint", "visual_prompt_position": "add"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--tasks", default="shape,count,uci_digit,shape_synonym")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of: {', '.join(CONFIGS)}")
+    parser.add_argument("--budget", type=int, default=2000)
+    parser.add_argument("--out", default="runs/variants")
+    args = parser.parse_args()
+    tasks, seeds, configs = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.configs.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, list[float]]] = {}
+    start = time.monotonic()
+    with local_server(args.model, timeout=300, log_path=out / "server.log") as url, ClipClient(url) as client:
+        for task in tasks:
+            row = rows.setdefault(task, {})
+            for seed in seeds:
+                data = load_task(task, shots=16, seed=seed)
+                for name in configs:
+                    config = TuneConfig(optimizer="DiagonalCMA", popsize=30, budget=args.budget, seed=seed, **CONFIGS[name])
+                    t0 = time.monotonic()
+                    s = run_tuning(client, data, config, out / task / name.replace(" ", "-") / f"seed{seed}", progress=False)
+                    row.setdefault("zero-shot", []).append(s["zero_shot_accuracy"])
+                    row.setdefault(name, []).append(s["test_accuracy"])
+                    print(f"{task:14s} seed {seed} {name:14s} zero-shot {s['zero_shot_accuracy']:.3f} -> "
+                          f"{s['test_accuracy']:.3f} (best seen {s['test_accuracy_best']:.3f}, selected "
+                          f"{s['selected']}) {time.monotonic() - t0:.0f} s", flush=True)
+    columns = ["zero-shot", *configs]
+    lines = [f"model {args.model}, DiagonalCMA, {args.budget} training queries, seeds {args.seeds}: test accuracy",
+             "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for task, row in rows.items():
+        lines.append(f"| {task} | " + " | ".join(f"{statistics.fmean(row[c]):.3f}" for c in columns) + " |")
+    means = [statistics.fmean(statistics.fmean(rows[t][c]) for t in rows) for c in columns]
+    lines.append("| **average** | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+    lines.append(f"\nwall time {time.monotonic() - start:.0f} s")
+    report = "\n".join(lines)
+    print(report)
+    (out / "variants.md").write_text(report + "\n")
+    (out / "variants.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
