@@ -92,7 +92,8 @@ def _add_data(parser: argparse.ArgumentParser, *, few_shot: bool) -> None:
             type=int,
             default=0,
             help="validation images per class for --data, taken from the training images left after --shots; "
-            "with a validation split the final prompt is chosen by validation loss (default: %(default)s)",
+            "with a validation split the final prompt (best seen, the optimizer's recommendation or the untuned template) "
+            "is chosen by validation accuracy, ties by loss (default: %(default)s)",
         )
 
 

@@ -555,15 +555,32 @@ def _save(out: Path, projection: PromptProjection, z: np.ndarray, meta: dict[str
     save_prompts(out / PROMPTS_FILE, SavedPrompts(tensors={**tensors, "z": z[None, :]}, meta=meta))
 
 
+def choose_on_validation(
+    loss: np.ndarray, logits: np.ndarray, labels: np.ndarray, names: list[str]
+) -> tuple[int, dict[str, float]]:
+    """Index of the prompt with the highest validation accuracy, ties broken by the lower validation
+    loss, given one validation request's ``loss`` [P] and ``logits`` [P, N, C] for the population
+    ``names``; plus ``val_accuracy_<name>`` and ``val_loss_<name>`` of each.
+
+    Accuracy decides because it is what is reported: on an over-confident model the search can cut
+    the cross-entropy several-fold by flattening the logits while accuracy falls (a 3,281-step
+    embedded model, shape: val loss 4.7 -> 1.0, val accuracy 0.60 -> 0.46). With 8 images a class,
+    accuracies tie often; the loss breaks the ties.
+    """
+    acc = accuracy(logits, labels)
+    pick = min(range(len(names)), key=lambda i: (-float(acc[i]), float(loss[i])))
+    scores = {f"val_accuracy_{n}": float(a) for n, a in zip(names, acc)}
+    scores.update({f"val_loss_{n}": float(v) for n, v in zip(names, loss)})
+    return pick, scores
+
+
 def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Search, opt: Any) -> dict[str, Any]:
     """Choose among the best candidate seen, the optimizer's recommendation and, when there is a
     validation split, the untuned template (z = 0) by validation accuracy, ties broken by validation
     loss (without one: best vs recommendation by training loss); test each and zero-shot.
 
     Keeping the template in the running means a search that only fitted the 16 shots falls back to
-    zero-shot instead of shipping a prompt that generalises worse. Accuracy, not loss, decides: on an
-    over-confident model the search can cut the cross-entropy 8-fold by flattening the logits while
-    accuracy falls (a 3,281-step embedded model, shape: val loss 4.7 -> 1.0, val accuracy 0.60 -> 0.46)."""
+    zero-shot instead of shipping a prompt that generalises worse (`choose_on_validation`)."""
     assert search.best_z is not None
     rec_z = np.asarray(opt.provide_recommendation().value, dtype=np.float32)
     at = f"g{search.generations}"  # request-id tags: the same state asks the same questions
@@ -579,18 +596,14 @@ def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Se
         prompts = projection(np.stack(list(candidates.values())))
         val = task.query("val", prompts, outputs=(LOSS, LOGITS), purpose="eval", tag=f"{at}-val")
         assert val.loss is not None and val.logits is not None
-        val_acc = accuracy(val.logits, task.labels("val"))
-        # accuracy is what is reported; the loss breaks ties (8 images a class give coarse accuracies)
-        scores = [(-float(a), float(l)) for a, l in zip(val_acc, val.loss)]
+        pick, scores = choose_on_validation(val.loss, val.logits, task.labels("val"), list(candidates))
         out["selected_by"] = "val_accuracy"
-        out.update({f"val_loss_{name}": float(l) for name, l in zip(candidates, val.loss)})
-        out.update({f"val_accuracy_{name}": float(a) for name, a in zip(candidates, val_acc)})
+        out.update(scores)
     else:
         prompts = projection(np.stack(list(candidates.values())))
-        scores = [(0.0, loss) for loss in train_losses]
+        pick = int(np.argmin(train_losses))
         out["selected_by"] = "train_loss"
     names = list(candidates)
-    pick = min(range(len(scores)), key=scores.__getitem__)
     acc = dict(zip(names, task.accuracies("test", prompts, tag=f"{at}-test").astype(float).tolist()))
     out.update({f"test_accuracy_{name}": value for name, value in acc.items()})
     out.setdefault("test_accuracy_recommendation", acc["best"])

@@ -70,8 +70,10 @@ def add_commands(subparsers: Any) -> None:
     src.add_argument("--seeds", help="seeds of the few-shot sample, the projection and the optimizer (default: 0)")
     src.add_argument("--variants", help="joint, text, vision (default: joint)")
     src.add_argument("--intrinsic-dims", dest="intrinsic_dims", help="d of z per modality (d_text = d_vision) (default: 500)")
-    src.add_argument("--n-ctx-text", dest="n_ctx_text", help="text context lengths (default: 8)")
-    src.add_argument("--n-ctx-vision", dest="n_ctx_vision", help="visual prompt lengths (default: 5)")
+    src.add_argument("--n-ctx-text", dest="n_ctx_text",
+                     help="text context lengths (default: 0 = the template prefix's token count, so zero is the template)")
+    src.add_argument("--n-ctx-vision", dest="n_ctx_vision",
+                     help="visual prompt lengths (default: 0 = 5 appended tokens, or one per position for 'add')")
     st = p.add_argument_group("settings shared by every cell")
     st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: 30)")
     st.add_argument("--sigma", type=float, help="projection scale (default: 1.0)")

@@ -38,8 +38,8 @@ class Grid:
     seeds: tuple[int, ...] = (0,)
     variants: tuple[str, ...] = ("joint",)
     intrinsic_dims: tuple[int, ...] = (500,)
-    n_ctx_text: tuple[int, ...] = (8,)
-    n_ctx_vision: tuple[int, ...] = (5,)
+    n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (the template prefix's token count)
+    n_ctx_vision: tuple[int, ...] = (0,)  # 0: the client's default (5 appended, one per position for 'add')
     popsize: int = 30
     sigma: float = 1.0
     shots: int = 16
@@ -139,8 +139,8 @@ class Cell:
             seed=self.seed,
             d_text=max(self.d, 1),
             d_vision=max(self.d, 1),
-            n_ctx_text=self.n_ctx_text if self.kind == "blackbox" else max(self.n_ctx_text, 1),
-            n_ctx_vision=self.n_ctx_vision,
+            n_ctx_text=self.n_ctx_text or None,
+            n_ctx_vision=self.n_ctx_vision or None,
             sigma=grid.sigma,
             template=grid.template,
             loss=grid.loss,

@@ -140,7 +140,9 @@ def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: 
     from .whitebox import run_coop, run_linear_probe
 
     if cell.method == "coop":
-        result = run_coop(clip, data, task_template(grid, data), cell.n_ctx_text, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
+        template = task_template(grid, data)
+        n_ctx = cell.n_ctx_text or max(1, len(clip.tokenize([template.prefix]).token_ids[0]) if template.prefix else 8)
+        result = run_coop(clip, data, template, n_ctx, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
     else:
         result = run_linear_probe(clip, data, seed=cell.seed)
     zero = {"queries": 0, "requests": 0, "image_forwards": 0, "price": 0.0, "eval_queries": 0, "eval_requests": 0,

@@ -135,8 +135,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], header: str, budgets: li
         header.rstrip(),
         f"## Test accuracy (%), mean ± std over {len(seeds)} seed(s) {seeds}\n\n"
         "Black-box columns: training queries (candidates evaluated). Each checkpoint's prompt is chosen on the "
-        "validation split (best candidate seen vs. the optimizer's recommendation, lower validation loss); test is "
-        "only scored. `fixed`: baselines, which spend no training queries.\n\n" + accuracy_table(summary, budgets, varied),
+        "validation split (best candidate seen, the optimizer's recommendation or the untuned template, by validation "
+        "accuracy, ties by loss); test is only scored. `fixed`: baselines, which spend no training queries.\n\n" + accuracy_table(summary, budgets, varied),
         "## Mean over tasks (%)\n\n" + mean_over_tasks(summary, budgets, varied),
         "## Queries and wall time to 90% of the final accuracy\n\n"
         "First checkpoint budget whose mean test accuracy is >= 0.9 x the mean at the largest budget (so at most the "

@@ -4,9 +4,10 @@ A black-box cell is one tuning run up to the grid's largest budget, with the sam
 run of that budget: whole generations are asked and told (only the last one is truncated); a checkpoint
 budget inside a generation splits that generation's evaluation into two requests, so the training
 queries land on each mark exactly. At each mark (before the generation in flight is told), the best candidate seen (lowest
-training loss) and the optimizer's recommendation are scored on the validation split; the one with the
-lower validation loss is the selected prompt, and only it is scored on test. Validation and test
-requests are evaluation queries, metered apart from the training queries.
+training loss), the optimizer's recommendation and the untuned template are scored on the validation
+split and one is selected by the tuner's rule (`choose_on_validation`: validation accuracy, ties by
+loss); only it is scored on test. Validation and test requests are evaluation queries, metered apart
+from the training queries. Context lengths are the tuner's too (grid value 0: the client's default).
 
 Units, side by side: ``queries`` = training candidates evaluated (the paper's unit), ``requests`` and
 ``image_forwards`` as the server reported them for those queries, ``wall_s`` = training wall time
@@ -25,7 +26,8 @@ import numpy as np
 from bptvlm.client.api import ClipClient, add_usage
 from bptvlm.client.data import TaskLike
 from bptvlm.client.projection import PromptProjection
-from bptvlm.client.tuner import DEFAULT_TEMPLATE, RemoteTask, Template, accuracy, make_optimizer
+from bptvlm.client.tuner import (DEFAULT_TEMPLATE, RemoteTask, Template, accuracy, choose_on_validation, make_optimizer,
+                                 text_context_length, visual_prompt_length)
 from bptvlm.shared.protocol import LOGITS, LOSS, PromptLimits, Usage
 
 from .grid import Cell, Grid
@@ -85,11 +87,13 @@ def run_blackbox(
     """One tuning run to the largest budget; a row per checkpoint budget. ``bar``: a tqdm over queries."""
     config = cell.tune_config(grid)
     d_text, d_vision = config.dims()
+    template = task_template(grid, data)
     projection = PromptProjection(
-        limits, n_ctx_text=config.n_ctx_text, n_ctx_vision=config.n_ctx_vision, d_text=d_text, d_vision=d_vision,
+        limits, n_ctx_text=text_context_length(client, config, template) if d_text else 0,
+        n_ctx_vision=visual_prompt_length(limits, config) if d_vision else 0, d_text=d_text, d_vision=d_vision,
         sigma=config.sigma, seed=config.seed, visual_prompt_position=config.visual_prompt_position,
     )  # fmt: skip
-    task = RemoteTask(client, data, task_template(grid, data), config)
+    task = RemoteTask(client, data, template, config)
     opt = make_optimizer(config, projection.dimension)
     meter = Meter()
     best_loss, best_z = float("inf"), np.zeros(projection.dimension, np.float32)
@@ -125,21 +129,23 @@ def run_blackbox(
 
 
 def _select(task: RemoteTask, projection: PromptProjection, best_z: np.ndarray, opt: Any, meter: Meter) -> dict[str, Any]:
-    """Choose between the best candidate seen and the recommendation by validation loss; test it."""
+    """Choose among the best candidate seen, the recommendation and the template (the tuner's rule); test it."""
     rec_z = np.asarray(opt.provide_recommendation().value, dtype=np.float32)
     names, zs = ["best"], [best_z]
     if not np.array_equal(rec_z, best_z):
         names.append("recommendation")
         zs.append(rec_z)
-    prompts = projection(np.stack(zs))  # population of 1 or 2
+    names.append("template")
+    zs.append(np.zeros_like(best_z))
+    prompts = projection(np.stack(zs))  # population of 2 or 3
     val = meter.query(task, "val", prompts, (LOSS, LOGITS), "eval")
-    pick = int(np.argmin(val.loss))
+    pick, scores = choose_on_validation(val.loss, val.logits, task.labels("val"), names)
     chosen = {k: v[pick : pick + 1] for k, v in prompts.items()}
     test = meter.query(task, "test", chosen, (LOGITS,), "eval")
     return {
         "selected": names[pick],
-        "val_loss": float(val.loss[pick]),
-        "val_accuracy": float(accuracy(val.logits, task.labels("val"))[pick]),
+        "val_loss": scores[f"val_loss_{names[pick]}"],
+        "val_accuracy": scores[f"val_accuracy_{names[pick]}"],
         "test_accuracy": float(accuracy(test.logits, task.labels("test"))[0]),
     }
 

@@ -78,7 +78,7 @@ def test_tiny_grid_end_to_end_and_resume(server: str, tmp_path: Path) -> None:
     for r in blackbox:  # checkpoints land on the budget exactly: never over
         assert int(r["queries"]) == int(r["budget"]) and int(r["budget"]) in (10, 24)
         assert int(r["requests"]) == {10: 2, 24: 5}[int(r["budget"])]  # 7, 3 | 4, 7, 3 (whole generations, split at the mark)
-        assert 0.0 <= float(r["test_accuracy"]) <= 1.0 and r["selected"] in ("best", "recommendation")
+        assert 0.0 <= float(r["test_accuracy"]) <= 1.0 and r["selected"] in ("best", "recommendation", "template")
         if r["variant"] == "joint":  # visual prompts: every candidate forwards every training image
             assert int(r["image_forwards"]) == int(r["queries"]) * 3 * 2 or r["task"] == "shape"
     # the server charged exactly what the cells report (training + evaluation queries)
