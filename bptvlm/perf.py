@@ -11,7 +11,9 @@ shared and noisy, so only ratios are meaningful):
   image features the server caches (target >= 10).
 - ``micro_batch``: per-candidate time at population ``--population`` / at ``--micro-population``
   (memory bounded by ``--max-batch-images``; target >= 1: the big request is not slower per candidate).
-- ``trimmed_vs_full``: text tower time padded to the full context length / trimmed after the last EOS.
+- ``trimmed_vs_full``: text tower time padded to the full context length / trimmed after the last EOS,
+  at population ``--text-population`` (default ``--population``): the text tower costs the same whatever
+  the shots, so a real-size population can be timed there while the joint ratios run at reduced sizes.
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ class InProcess:
             losses.append(loss_per_candidate(m.logits(torch.cat(feats, dim=1), text), self.labels))
         return torch.cat(losses)
 
+    def text_length(self, n_ctx: int) -> int:
+        """Positions per class text after trimming: BOS, ``n_ctx`` context vectors, the longest name, EOS."""
+        return n_ctx + 2 + max(len(ids) for ids in self.tokens.token_ids)
+
     def text_tower(self, ctx: np.ndarray, full: bool) -> torch.Tensor:
         pad = self.model.limits.context_length if full else None
         return self.model.encode_text(self.tokens, torch.from_numpy(ctx), pad_to=pad)
@@ -148,10 +154,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     p = args.population
 
     big = make_workload(model, args.micro_population, args.shots, args.classes, seed=1)
+    text_p = args.text_population or p
+    text_ctx = ctx if text_p == p else make_workload(model, text_p, 1, args.classes, seed=2).text_context
     t: dict[str, float] = {}
     t["loop_joint"], t["batched_joint"] = paired_seconds(loop, batched, max(1, r // 2))
     t["text_full"], t["text_trimmed"] = paired_seconds(
-        in_worker(lambda: local.text_tower(ctx, full=True)), in_worker(lambda: local.text_tower(ctx, full=False)), r
+        in_worker(lambda: local.text_tower(text_ctx, full=True)),
+        in_worker(lambda: local.text_tower(text_ctx, full=False)),
+        r,
     )
     server_args = ["--max-batch-images", str(model.max_batch_images)]
     with local_server(args.model, args=server_args, timeout=300) as url, ClipClient(url) as client:
@@ -180,9 +190,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(model.device),
         "population": p,
         "micro_population": args.micro_population,
+        "text_population": text_p,
         "images": len(work.labels),
+        "shots": args.shots,
         "classes": args.classes,
+        "text_tokens": {"trimmed": int(local.text_length(text_ctx.shape[1])), "full": model.limits.context_length},
         "threads": torch.get_num_threads(),
+        "repeats": r,
     }
     return {**ratios, "setup": setup, "seconds": t, "targets": TARGETS}
 
@@ -198,7 +212,12 @@ def format_report(result: dict[str, Any]) -> str:
         "trimmed_vs_full": ("text, full length", "text_full", "text, trimmed", "text_trimmed"),
     }
     lines = [f"model {setup['model']} on {setup['device']} ({setup['threads']} threads), population "
-             f"{setup['population']}, {setup['images']} images, {setup['classes']} classes", ""]
+             f"{setup['population']}, {setup['images']} images, {setup['classes']} classes"]
+    text_p, tokens = setup.get("text_population", setup["population"]), setup.get("text_tokens")
+    if text_p != setup["population"] or tokens:
+        lines.append(f"text tower (trimmed_vs_full) at population {text_p} x {setup['classes']} classes"
+                     + (f", {tokens['trimmed']} vs {tokens['full']} tokens" if tokens else ""))
+    lines.append("")
     lines.append(f"{'ratio':<20}{'value':>8}{'target':>8}  {'met':<4} measurements (median s)")
     for name in TARGETS:
         value = result[name]

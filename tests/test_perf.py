@@ -1,0 +1,50 @@
+"""`bptvlm perf`: every ratio is printed with its two timings, and the size flags reach the measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bptvlm.cli import build_parser, main
+from bptvlm.perf import TARGETS, InProcess, format_report, make_workload
+
+
+def test_text_population_defaults_to_population() -> None:
+    args = build_parser().parse_args(["perf"])
+    assert args.text_population is None and args.population == 30 and args.shots == 16 and args.classes == 10
+    args = build_parser().parse_args(["perf", "--text-population", "30", "--population", "2", "--shots", "4"])
+    assert (args.text_population, args.population, args.shots) == (30, 2, 4)
+
+
+def test_text_length_is_what_the_model_pads_to(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    local = InProcess(tiny_model, make_workload(tiny_model, population=2, shots=1, classes=3))
+    ids, _ = tiny_model._assemble_ids(local.tokens, 8)
+    assert local.text_length(8) == ids.shape[1] < tiny_model.limits.context_length
+
+
+def test_report_names_the_text_population() -> None:
+    setup = {"model": "m", "device": "cpu", "threads": 1, "population": 2, "micro_population": 6,
+             "text_population": 30, "images": 40, "shots": 4, "classes": 10,
+             "text_tokens": {"trimmed": 16, "full": 77}, "repeats": 4}
+    seconds = dict.fromkeys(["inprocess_joint", "http_joint", "loop_joint", "batched_joint", "http_joint_b",
+                             "http_text", "batched_joint_p30", "batched_joint_micro", "text_full",
+                             "text_trimmed"], 1.0)
+    report = format_report({**dict.fromkeys(TARGETS, 1.0), "setup": setup, "seconds": seconds, "targets": TARGETS})
+    assert "text tower (trimmed_vs_full) at population 30 x 10 classes, 16 vs 77 tokens" in report
+    assert all(name in report for name in TARGETS)
+
+
+@pytest.mark.slow
+def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["perf", "--model", "tiny-random", "--population", "2", "--shots", "1", "--classes", "3",
+                 "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(TARGETS) <= set(result)
+    assert all(math.isfinite(result[name]) and result[name] > 0 for name in TARGETS)
+    setup = result["setup"]
+    assert (setup["population"], setup["text_population"], setup["images"], setup["classes"]) == (2, 5, 3, 3)
+    assert setup["text_tokens"]["full"] == 32 > setup["text_tokens"]["trimmed"]
+    assert all(v > 0 for v in result["seconds"].values())
