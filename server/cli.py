@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
         "quota": args.quota,
         "requests_per_minute": args.requests_per_minute,
         "max_batch_images": args.max_batch_images,
+        "compile": True if args.compile else None,
         "max_queue": args.max_queue,
         "request_timeout_s": args.request_timeout,
     }
@@ -73,6 +74,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quota", type=int, help="candidates each --api-key token may evaluate (default unlimited)")
     p.add_argument("--requests-per-minute", type=int, help="rate limit of each --api-key token")
     p.add_argument("--max-batch-images", type=int, help="images through the vision tower at once (memory bound)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the vision and text encoders (for GPUs; off by default; start-up takes longer)")
     p.add_argument("--max-queue", type=int, help="requests allowed to wait for the model before 503 (default 64)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may wait for the model before 504")
     p.add_argument("--ready-probe-seconds", type=float, help="when no forward pass succeeded for this long, run "

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         description="images through the vision tower at once (population x images per chunk); "
         "None: 4096 on a GPU, 256 on a CPU",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the vision and text encoders (dynamic shapes; compiled by the start-up probe). "
+        "Meant for GPUs; on CPU the results equal the uncompiled ones within 1e-5 (tests/server/test_compile.py); "
+        "the speed-up has not been measured",
+    )
     image_cache_bytes: int = Field(default=1 * 2**30, gt=0, description="byte cap of the uploaded-image LRU")
     text_cache_bytes: int = Field(
         default=64 * 2**20, gt=0, description="byte cap of the unprompted text-feature LRU (per class-name set)"
