@@ -30,10 +30,14 @@ from .loading import LoadedModel
 MAX_VISUAL_PROMPT = 64
 
 
-def default_batch_images(device: torch.device | str) -> int:
-    """Images per vision-tower chunk. On CPU small chunks stay in cache: `bptvlm perf --model embedded`
-    ran a 30 x 160 joint generation in 2.47 s at 4096 and about half that at 256 (BENCHMARKS.md)."""
-    return 4096 if torch.device(device).type == "cuda" else 256
+def default_batch_images(device: torch.device | str, vision_width: int = 128) -> int:
+    """Images per vision-tower chunk. On CPU small chunks stay in cache, and the wider the tower the
+    smaller the chunk (BENCHMARKS.md): the embedded model (width 128) ran a 30 x 160 joint generation
+    in 2.47 s at 4096 and about half that at 256; the ViT-B/32 shape (width 768) ran 9.8-9.9 images/s
+    in chunks of 32 and 8.4-9.2 in chunks of 160. So 256 x 128 / width, in multiples of 32."""
+    if torch.device(device).type == "cuda":
+        return 4096
+    return max(32, (256 * 128 // max(1, vision_width)) // 32 * 32)
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class PromptedCLIP:
         self.tokenizer = loaded.tokenizer
         self.image_processor = loaded.image_processor
         self.model_id = loaded.model_id
-        self.max_batch_images = max_batch_images or default_batch_images(self.device)
+        self.max_batch_images = max_batch_images or default_batch_images(self.device, self.model.config.vision_config.hidden_size)
         self._tokenize = functools.lru_cache(maxsize=256)(self._tokenize_uncached)
         self._text = self.model.text_model
         self._vision = self.model.vision_model

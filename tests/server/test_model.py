@@ -125,3 +125,11 @@ def test_trimmed_text_equals_full_context_length(tiny_model: PromptedCLIP) -> No
     batch = tiny_model.tokenize(CLASSES)
     full = tiny_model.encode_text(batch, ctx, pad_to=tiny_model.limits.context_length)
     torch.testing.assert_close(tiny_model.encode_text(batch, ctx), full, atol=1e-5, rtol=0)
+
+
+def test_default_chunk_shrinks_with_the_vision_width() -> None:
+    from bptvlm.server.model import default_batch_images
+
+    assert default_batch_images("cpu", 128) == 256  # the embedded model, measured best at 256
+    assert default_batch_images("cpu", 768) == 32  # ViT-B/32, measured best at 32
+    assert default_batch_images("cuda", 768) == 4096
