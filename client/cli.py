@@ -119,8 +119,8 @@ def add_commands(subparsers: Any) -> None:
     prompt.add_argument("--intrinsic-dim-text", action=_Given, type=int, default=500, dest="d_text", help="dimensions of z for the text context (default: %(default)s)")
     prompt.add_argument("--intrinsic-dim-vision", action=_Given, type=int, default=500, dest="d_vision", help="dimensions of z for the visual prompt (default: %(default)s)")
     prompt.add_argument("--n-ctx-text", action=_Given, type=int, default=None,
-                        help="text context vectors, initialised at the template's leading words "
-                             "(default: as many as those words have tokens, so zero is the template; 8 without a prefix)")
+                        help="text context vectors; the first start at the template's leading words, the rest at zero "
+                             "(default: 8, the paper's, or more if those words need more tokens)")
     prompt.add_argument("--n-ctx-vision", action=_Given, type=int, default=None,
                         help="visual prompt vectors (default: 5 appended tokens; one per vision position for 'add')")
     prompt.add_argument("--sigma", action=_Given, type=float, default=1.0, help="scale of the random projections (paper's sigma) (default: %(default)s)")

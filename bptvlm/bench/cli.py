@@ -71,7 +71,7 @@ def add_commands(subparsers: Any) -> None:
     src.add_argument("--variants", help="joint, text, vision (default: joint)")
     src.add_argument("--intrinsic-dims", dest="intrinsic_dims", help="d of z per modality (d_text = d_vision) (default: 500)")
     src.add_argument("--n-ctx-text", dest="n_ctx_text",
-                     help="text context lengths (default: 0 = the template prefix's token count, so zero is the template)")
+                     help="text context lengths (default: 0 = the client's default: 8, or the template prefix's tokens if more)")
     src.add_argument("--n-ctx-vision", dest="n_ctx_vision",
                      help="visual prompt lengths (default: 0 = 5 appended tokens, or one per position for 'add')")
     st = p.add_argument_group("settings shared by every cell")

@@ -38,7 +38,7 @@ class Grid:
     seeds: tuple[int, ...] = (0,)
     variants: tuple[str, ...] = ("joint",)
     intrinsic_dims: tuple[int, ...] = (500,)
-    n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (the template prefix's token count)
+    n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (8, or the template prefix's tokens if more)
     n_ctx_vision: tuple[int, ...] = (0,)  # 0: the client's default (5 appended, one per position for 'add')
     popsize: int = 30
     sigma: float = 1.0

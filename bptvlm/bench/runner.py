@@ -135,12 +135,13 @@ def _select(task: RemoteTask, projection: PromptProjection, best_z: np.ndarray, 
     if not np.array_equal(rec_z, best_z):
         names.append("recommendation")
         zs.append(rec_z)
-    names.append("template")
-    zs.append(np.zeros_like(best_z))
-    prompts = projection(np.stack(zs))  # population of 2 or 3
+    prompts = projection(np.stack(zs))  # population of 1 or 2
     val = meter.query(task, "val", prompts, (LOSS, LOGITS), "eval")
-    pick, scores = choose_on_validation(val.loss, val.logits, task.labels("val"), names)
-    chosen = {k: v[pick : pick + 1] for k, v in prompts.items()}
+    plain = meter.query(task, "val", {}, (LOSS, LOGITS), "eval")  # the untuned template: no prompt at all
+    names.append("template")
+    loss, logits = np.concatenate([val.loss, plain.loss]), np.concatenate([val.logits, plain.logits])
+    pick, scores = choose_on_validation(loss, logits, task.labels("val"), names)
+    chosen = {} if names[pick] == "template" else {k: v[pick : pick + 1] for k, v in prompts.items()}
     test = meter.query(task, "test", chosen, (LOGITS,), "eval")
     return {
         "selected": names[pick],

@@ -48,6 +48,7 @@ class FakeServer:
         self.infer_bodies: list[tuple[p.InferenceRequest, dict[str, np.ndarray]]] = []
         self.batches: dict[str, int] = {}
         self.script: list[httpx.Response] = []
+        self.template_wins_on: set[str] = set()  # image batches where unprompted logits are right, prompted wrong
         self.candidates = 0
 
     def metadata(self) -> dict[str, Any]:
@@ -96,7 +97,8 @@ class FakeServer:
             loss += ((arrays[p.TEXT_CONTEXT] - self.target_text) ** 2).mean(axis=(1, 2)) * 100
         if p.VISUAL_PROMPT in arrays:
             loss += ((arrays[p.VISUAL_PROMPT] - self.target_vision) ** 2).mean(axis=(1, 2)) * 100
-        shown = labels if prompts else (labels + 1) % c
+        right = (not prompts) == (batch_id in self.template_wins_on)
+        shown = labels if right else (labels + 1) % c
         logits = np.broadcast_to(np.eye(c, dtype=np.float32)[shown], (pop, n, c)).copy()
         wanted = [o.name for o in req.outputs or []]
         outs = {name: {"loss": loss, "logits": logits}[name] for name in wanted}
