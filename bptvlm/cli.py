@@ -67,8 +67,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", default="DiagonalCMA", help="nevergrad optimizer name (DiagonalCMA measured best here: BENCHMARKS.md)")
     p.add_argument("--popsize", type=int, default=30)
     p.add_argument("--variant", default="text", choices=["joint", "text", "vision"],
-                   help="which prompts to tune (default text: ~1 min for all tasks on 2 cores; joint, the "
-                   "paper's, forwards every image per candidate and takes about 85 s per task)")
+                   help="which prompts to tune (default text: ~5 min for the suite x 3 seeds on 2 cores; joint, the "
+                   "paper's, forwards every image per candidate: 90-170 s per task and seed here)")
     p.add_argument("--visual-prompt-position", default="pre_ln", choices=["pre_ln", "post_ln", "add"],
                    help="pre_ln: tokens appended before the pre-layer-norm (the paper's); post_ln: appended after "
                    "it (ours); add: one vector added to each vision position (ours; zero = no prompt)")
