@@ -52,8 +52,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="serve the embedded CLIP and tune every built-in task: zero-shot vs tuned",
-        description="Start `bptvlm serve --model embedded` as a subprocess, tune prompts for each built-in task "
+        help="serve the embedded CLIP and tune the task suite: zero-shot vs tuned",
+        description="Start `bptvlm serve --model embedded` as a subprocess, tune prompts for each suite task "
         "through the API (black-box: only loss and logits come back), and print zero-shot vs tuned test "
         "accuracy per task with the queries spent and the wall time. Writes demo.md, demo.json and demo.png "
         "under --out.",

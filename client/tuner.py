@@ -112,7 +112,7 @@ class TuneConfig:
         return d_text, d_vision
 
 
-DEFAULT_N_CTX_TEXT = 8  # the paper's context length, used when the template has no prefix
+DEFAULT_N_CTX_TEXT = 8  # the paper's context length; longer only when the template prefix needs more tokens
 DEFAULT_N_CTX_VISION = 5  # the paper's visual prompt tokens (appended placements)
 
 
