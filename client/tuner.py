@@ -411,6 +411,8 @@ def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
         seed=config.seed,
         visual_prompt_position=config.visual_prompt_position,
     )
+    # the lengths the defaults resolved to are part of the run (checkpoint, summary): a resume reuses them
+    config = replace(config, n_ctx_text=projection.n_ctx_text, n_ctx_vision=projection.n_ctx_vision)
     task = RemoteTask(client, data, template, config)
     fingerprint = data_fingerprint(task.class_names, task.splits)
     return _Setup(metadata, model_id, template, projection, task, fingerprint)
@@ -435,6 +437,7 @@ def run_tuning(
     if (out / CHECKPOINT_FILE).exists():
         logger.warning("%s holds an earlier run's checkpoint; starting a new run over it (--resume continues one)", out)
     setup = _setup(client, data, config)
+    config = setup.task.config  # with the context lengths resolved
     opt = make_optimizer(config, setup.projection.dimension)
     state = Checkpoint(
         config=asdict(config),

@@ -119,6 +119,10 @@ class PromptedCLIP:
         """Token ids of each class text, without special tokens (memoised: a tuning run repeats them)."""
         return self._tokenize(tuple(texts))
 
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text without special tokens; not memoised (callers' texts stay out of the cache)."""
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
     def _tokenize_uncached(self, texts: tuple[str, ...]) -> TextBatch:
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         return TextBatch(tuple(tuple(x) for x in ids))

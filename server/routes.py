@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from bptvlm.shared import protocol as p
-from bptvlm.shared.errors import AuthError, NotFoundError, NotReadyError, PayloadTooLargeError
+from bptvlm.shared.errors import AuthError, InvalidTensorError, NotFoundError, NotReadyError, PayloadTooLargeError
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_request, encode_response
 
 from .ledger import KeyRecord
@@ -169,10 +170,21 @@ def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMet
     )
 
 
-@router.post("/v2/models/{model_name}/tokenize", response_model=p.TokenizeResponse)
-def tokenize(body: p.TokenizeRequest, service: Service, key: LimitedKey) -> p.TokenizeResponse:
-    """Token counts of texts under the served tokenizer (no forward pass, not charged)."""
-    return p.TokenizeResponse(num_tokens=[len(ids) for ids in service.model.tokenize(body.texts).token_ids])
+_TOKENIZE_BODY = {"requestBody": {"required": True,
+                                  "content": {"application/json": {"schema": p.TokenizeRequest.model_json_schema()}}}}
+
+
+@router.post("/v2/models/{model_name}/tokenize", response_model=p.TokenizeResponse, openapi_extra=_TOKENIZE_BODY)
+async def tokenize(request: Request, service: Service, key: LimitedKey) -> p.TokenizeResponse:
+    """Token counts of texts under the served tokenizer (no forward pass, not charged); the body limit
+    applies as to every other POST."""
+    try:
+        body = p.TokenizeRequest.model_validate_json(await _read_body(request))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
+        raise InvalidTensorError(f"invalid tokenize request at {where}: {first.get('msg', 'invalid')}") from None
+    return p.TokenizeResponse(num_tokens=service.model.count_tokens(body.texts))
 
 
 @router.post("/v2/models/{model_name}/images", response_model=p.ImageUploadResponse, openapi_extra=_V2_BODY)

@@ -395,6 +395,11 @@ class InferenceService:
                 f"parameter '{p.PARAM_VISUAL_PROMPT_POSITION}' must be 'pre_ln', 'post_ln' or 'add', received {placement!r}"
             )
         positions = p.vision_positions(self.limits)
+        if placement != "add" and prompt is not None and prompt.shape[1] > self.limits.max_visual_prompt:
+            raise InvalidTensorError(
+                f"input '{p.VISUAL_PROMPT}': at most {self.limits.max_visual_prompt} appended tokens "
+                f"(visual_prompt_position {placement!r}), received {prompt.shape[1]}"
+            )
         if placement == "add" and prompt is not None and prompt.shape[1] != positions:
             raise InvalidTensorError(
                 f"input '{p.VISUAL_PROMPT}': visual_prompt_position 'add' needs one vector per vision position "

@@ -15,7 +15,7 @@ instead of ``data`` and its bytes follow the JSON header in the body (``shared.t
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -163,11 +163,14 @@ class ImageUploadResponse(_Reply):
     cached: bool = Field(description="the batch was already stored (upload is idempotent)")
 
 
+MAX_TOKENIZE_CHARS = 1000  # per text: class names and templates are short
+
+
 class TokenizeRequest(_Message):
     """Texts whose token counts a client needs, e.g. to give a template's prefix exactly its own
     number of context vectors (then a context of zeros is the template itself)."""
 
-    texts: list[str] = Field(min_length=1, max_length=1024)
+    texts: list[Annotated[str, Field(max_length=MAX_TOKENIZE_CHARS)]] = Field(min_length=1, max_length=1024)
 
 
 class TokenizeResponse(_Reply):

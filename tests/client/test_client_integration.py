@@ -59,9 +59,11 @@ def test_default_context_length_and_the_exact_template_candidate(live: ClipClien
     data = _colour_task(size)
     data.val_images, data.val_labels = data.test_images, data.test_labels
     summary = run_tuning(live, data, config, tmp_path, progress=False)
+    assert summary["n_ctx_text"] == max(8, live.count_tokens(["a photo of a"])[0])
+    assert summary["n_ctx_vision"] == 0  # text variant
     saved = load_prompts(tmp_path / "prompts.safetensors")
     if summary["selected"] != "template":
-        assert saved.tensors["text_context"].shape[1] == max(8, live.count_tokens(["a photo of a"])[0])
+        assert saved.tensors["text_context"].shape[1] == summary["n_ctx_text"]
     assert "val_accuracy_template" in summary
     assert summary["test_accuracy_template"] == summary["zero_shot_accuracy"]
 

@@ -110,7 +110,7 @@ def test_same_seed_same_run_other_seed_other_run(make_client: Callable[..., Clip
     assert (tmp_path / "a" / "progress.jsonl").read_text().count("best_loss") == 4
 
 
-def test_validation_split_selects_by_val_loss(client: ClipClient, tmp_path: Path) -> None:
+def test_validation_split_selects_by_val_accuracy(client: ClipClient, tmp_path: Path) -> None:
     summary = run_tuning(client, _data(val=True), TuneConfig(budget=30, popsize=10, optimizer="TBPSA", **SMALL), tmp_path, progress=False)
     assert summary["selected_by"] == "val_accuracy" and summary["num_val"] == 4
     assert summary["selected"] in ("best", "recommendation", "template")

@@ -97,6 +97,12 @@ def test_tokenize_counts_tokens_and_charges_nothing(client: TestClient, tiny_mod
     assert r.status_code == 422 and "texts" in r.json()["error"]
     r = client.post("/v2/models/clip/tokenize", json={"text": "a photo of a"})
     assert r.status_code == 422 and "text" in r.json()["error"]
+    r = client.post("/v2/models/clip/tokenize", json={"texts": ["x" * (p.MAX_TOKENIZE_CHARS + 1)]})
+    assert r.status_code == 422 and "texts.0" in r.json()["error"]
+    r = client.post("/v2/models/clip/tokenize", json={"texts": ["x " * 500] * 1024})  # ~1 MB, limit 2 MB: fine
+    assert r.status_code == 200
+    r = client.post("/v2/models/clip/tokenize", json={"texts": ["x " * 499] * 1024 * 3})
+    assert r.status_code == 413
 
 
 def _drop(name: str) -> dict:
@@ -154,6 +160,16 @@ def test_add_prompt_needs_one_vector_per_position(client: TestClient) -> None:
     assert f"visual_prompt_position 'add' needs one vector per vision position ({positions}" in r.json()["error"]
     good = _valid() | {"visual_prompt": np.zeros((4, positions, lim.vision_width), np.float32)}
     assert _post(client, good, parameters={"visual_prompt_position": "add"}).status_code == 200
+    # appended prompts keep their own cap, even where 'add' needs more vectors than it
+    service = client.app.state.service
+    saved = service.limits
+    try:
+        service.limits = saved.model_copy(update={"max_visual_prompt": positions - 1})
+        r = _post(client, good, parameters={"visual_prompt_position": "pre_ln"})
+        assert r.status_code == 422 and f"at most {positions - 1} appended tokens" in r.json()["error"]
+        assert _post(client, good, parameters={"visual_prompt_position": "add"}).status_code == 200
+    finally:
+        service.limits = saved
 
 
 @pytest.mark.parametrize(
