@@ -375,16 +375,19 @@ def text_context_length(client: ClipClient, config: TuneConfig, template: Templa
 
     The server adds the prefix's token embeddings to the first vectors; the rest start as zero
     embeddings, which are not neutral tokens, so z = 0 is close to the template but not it (shape on
-    the embedded model: 0.44 vs 0.55; count: 0.945 vs 0.885). Exactly the prefix's length would make
+    the embedded model: 0.44 vs 0.55; count: 0.945 vs 0.885; `python scripts/context_start.py`). Exactly the prefix's length would make
     z = 0 the template, but it halves the context, and capacity won (bench, 2,000 queries, seed 0:
     colour_synonym 34.0 vs 15.8, shape_synonym 50.3 vs 41.0 with 8 vs 4 vectors; CoOp 45.0 vs 13.5 and
     70.3 vs 41.3). The untuned template stays exactly available: it is a candidate of the final choice.
     """
     if config.n_ctx_text is not None:
         return config.n_ctx_text
-    if not template.prefix:
-        return DEFAULT_N_CTX_TEXT
-    return max(DEFAULT_N_CTX_TEXT, client.count_tokens([template.prefix])[0])
+    return default_text_context_length(client.count_tokens([template.prefix])[0] if template.prefix else 0)
+
+
+def default_text_context_length(prefix_tokens: int) -> int:
+    """The default rule, given the template prefix's token count (the white-box CoOp baseline uses it too)."""
+    return max(DEFAULT_N_CTX_TEXT, prefix_tokens)
 
 
 def visual_prompt_length(limits: PromptLimits, config: TuneConfig) -> int:
@@ -572,9 +575,10 @@ def choose_on_validation(
     ``names``; plus ``val_accuracy_<name>`` and ``val_loss_<name>`` of each.
 
     Accuracy decides because it is what is reported: on an over-confident model the search can cut
-    the cross-entropy several-fold by flattening the logits while accuracy falls (a 3,281-step
-    embedded model, shape: val loss 4.7 -> 1.0, val accuracy 0.60 -> 0.46). With 8 images a class,
-    accuracies tie often; the loss breaks the ties.
+    the cross-entropy by flattening the logits while accuracy falls (embedded model, shape, vision
+    `add` prompts: val loss 4.51 -> 2.88 but val accuracy 0.60 -> 0.48, test 0.55 -> 0.37;
+    `scripts/compare_variants.py`, BENCHMARKS.md). With 8 images a class, accuracies tie often; the
+    loss breaks the ties.
     """
     acc = accuracy(logits, labels)
     pick = min(range(len(names)), key=lambda i: (-float(acc[i]), float(loss[i])))

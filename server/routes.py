@@ -7,12 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from bptvlm.shared import protocol as p
-from bptvlm.shared.errors import AuthError, InvalidTensorError, NotFoundError, NotReadyError, PayloadTooLargeError
+from bptvlm.shared.errors import AuthError, NotFoundError, NotReadyError, PayloadTooLargeError
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_request, encode_response
 
 from .ledger import KeyRecord
@@ -180,10 +181,8 @@ async def tokenize(request: Request, service: Service, key: LimitedKey) -> p.Tok
     applies as to every other POST."""
     try:
         body = p.TokenizeRequest.model_validate_json(await _read_body(request))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(x) for x in first.get("loc", ())) or "body"
-        raise InvalidTensorError(f"invalid tokenize request at {where}: {first.get('msg', 'invalid')}") from None
+    except ValidationError as exc:  # the app's handler words it like any other invalid JSON body (422)
+        raise RequestValidationError(exc.errors()) from None
     return p.TokenizeResponse(num_tokens=service.model.count_tokens(body.texts))
 
 
