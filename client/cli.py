@@ -27,7 +27,7 @@ from .api import ClipClient
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint
 from .data import DataError, FewShotData, ImageFolderDataset, TaskLike
 from .projection import PLACEMENTS
-from .tuner import DEFAULT_TEMPLATE, LOSSES, VARIANTS, TuneConfig, evaluate_saved, resume_tuning, run_tuning
+from .tuner import DEFAULT_TEMPLATE, LOSSES, TEXT_CONTEXTS, VARIANTS, TuneConfig, evaluate_saved, resume_tuning, run_tuning
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ API_KEY_ENV = "BPTVLM_API_KEY"
 MAX_BACKOFF_S = 10.0  # longest pause between retries: a restarted server is noticed within this
 # TuneConfig fields and the data flags a resumed run takes from its checkpoint
 _CONFIG_DESTS = ("optimizer", "popsize", "budget", "seed", "d_text", "d_vision", "n_ctx_text", "n_ctx_vision",
-                 "sigma", "template", "loss", "visual_prompt_position", "variant")  # fmt: skip
+                 "sigma", "template", "loss", "visual_prompt_position", "variant", "text_context")  # fmt: skip
 _SOURCE_DESTS = ("data", "task", "shots", "val_shots", "test_fraction")
 
 
@@ -123,6 +123,10 @@ def add_commands(subparsers: Any) -> None:
                              "(default: 8, the paper's, or more if those words need more tokens)")
     prompt.add_argument("--n-ctx-vision", action=_Given, type=int, default=None,
                         help="visual prompt vectors (default: 5 appended tokens; one per vision position for 'add')")
+    prompt.add_argument("--text-context", action=_Given, choices=TEXT_CONTEXTS, default="shared",
+                        help="one text context shared by every class (shared, the paper) or one per class (per_class, "
+                             "CoOp's class-specific context: more to fit, for class names the model reads badly) "
+                             "(default: %(default)s)")
     prompt.add_argument("--sigma", action=_Given, type=float, default=1.0, help="scale of the random projections (paper's sigma) (default: %(default)s)")
     prompt.add_argument(
         "--template",

@@ -2,6 +2,8 @@
 
 ``z = [z_text (d_text), z_vision (d_vision)]`` maps linearly to
 ``text_context = z_text @ A_text`` and ``visual_prompt = z_vision @ A_vision``, population first.
+The text context is one context shared by every class (the paper), or with ``class_contexts = C``
+one context per class (CoOp's class-specific context): ``A_text`` then has ``C`` times the columns.
 The matrices are drawn once from the statistics the server publishes (``PromptLimits``) and never
 leave the client:
 
@@ -43,8 +45,10 @@ class PromptProjection:
         sigma: float = 1.0,
         seed: int = 0,
         visual_prompt_position: str = "pre_ln",
+        class_contexts: int = 0,
     ) -> None:
-        for name, value in (("n_ctx_text", n_ctx_text), ("n_ctx_vision", n_ctx_vision), ("d_text", d_text), ("d_vision", d_vision)):
+        for name, value in (("n_ctx_text", n_ctx_text), ("n_ctx_vision", n_ctx_vision), ("d_text", d_text),
+                            ("d_vision", d_vision), ("class_contexts", class_contexts)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, received {value}")
         if n_ctx_text > limits.max_text_context:
@@ -66,9 +70,11 @@ class PromptProjection:
         self.n_ctx_vision = n_ctx_vision if d_vision > 0 else 0
         self.d_text = d_text if n_ctx_text > 0 else 0
         self.d_vision = d_vision if n_ctx_vision > 0 else 0
+        self.class_contexts = class_contexts if self.d_text else 0
         # Independent streams per modality: disabling one never changes the other's matrix.
         text_seq, vision_seq = np.random.SeedSequence(self.seed).spawn(2)
-        self.a_text = self._draw(text_seq, self.d_text, self.n_ctx_text * limits.text_width, 0.0, self._text_std())
+        contexts = max(1, self.class_contexts)
+        self.a_text = self._draw(text_seq, self.d_text, contexts * self.n_ctx_text * limits.text_width, 0.0, self._text_std())
         mean, std = self._vision_stats()
         self.a_vision = self._draw(vision_seq, self.d_vision, self.n_ctx_vision * limits.vision_width, mean, std)
 
@@ -111,16 +117,17 @@ class PromptProjection:
         return tuple(names)
 
     def __call__(self, z: np.ndarray) -> dict[str, np.ndarray]:
-        """z float [P, dimension] -> text_context float32 [P, n_ctx_text, D_t] and/or
-        visual_prompt float32 [P, n_ctx_vision, D_v]."""
+        """z float [P, dimension] -> text_context float32 [P, n_ctx_text, D_t] (or [P, C, n_ctx_text, D_t]
+        with class contexts) and/or visual_prompt float32 [P, n_ctx_vision, D_v]."""
         z = np.asarray(z, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.dimension:
             raise ValueError(f"z must be [P, {self.dimension}] (population first), received {list(z.shape)}")
         pop = z.shape[0]
         out: dict[str, np.ndarray] = {}
         if self.d_text:
-            text = z[:, : self.d_text] @ self.a_text  # [P, n_ctx_text * D_t]
-            out[TEXT_CONTEXT] = text.reshape(pop, self.n_ctx_text, self.limits.text_width)
+            text = z[:, : self.d_text] @ self.a_text  # [P, (C *) n_ctx_text * D_t]
+            per_class = (self.class_contexts,) if self.class_contexts else ()
+            out[TEXT_CONTEXT] = text.reshape(pop, *per_class, self.n_ctx_text, self.limits.text_width)
         if self.d_vision:
             vision = z[:, self.d_text :] @ self.a_vision  # [P, n_ctx_vision * D_v]
             out[VISUAL_PROMPT] = vision.reshape(pop, self.n_ctx_vision, self.limits.vision_width)
@@ -136,4 +143,5 @@ class PromptProjection:
             "sigma": self.sigma,
             "seed": self.seed,
             "visual_prompt_position": self.visual_prompt_position,
+            "class_contexts": self.class_contexts,
         }

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 LOSSES = ("ce", "focal")
+TEXT_CONTEXTS = ("shared", "per_class")  # one context for every class (the paper), or one per class (CoOp's CSC)
 # variant -> (tune text, tune vision)
 VARIANTS: dict[str, tuple[bool, bool]] = {"joint": (True, True), "text": (True, False), "vision": (False, True)}
 
@@ -86,6 +87,7 @@ class TuneConfig:
     loss: str = "ce"
     visual_prompt_position: str = "pre_ln"
     variant: str = "joint"
+    text_context: str = "shared"  # "shared" by every class (the paper) or "per_class" (CoOp's class-specific context)
 
     def __post_init__(self) -> None:
         optimizer_class(self.optimizer)
@@ -97,6 +99,8 @@ class TuneConfig:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, received {self.variant!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, received {self.loss!r}")
+        if self.text_context not in TEXT_CONTEXTS:
+            raise ValueError(f"text_context must be one of {TEXT_CONTEXTS}, received {self.text_context!r}")
         if self.visual_prompt_position not in PLACEMENTS:
             raise ValueError(f"visual_prompt_position must be one of {PLACEMENTS}, received {self.visual_prompt_position!r}")
         if self.template is not None:
@@ -398,13 +402,12 @@ def visual_prompt_length(limits: PromptLimits, config: TuneConfig) -> int:
     return vision_positions(limits) if config.visual_prompt_position == "add" else DEFAULT_N_CTX_VISION
 
 
-def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
-    metadata = client.model_metadata()
-    limits = client.prompt_limits(metadata)
-    model_id = str(metadata.parameters.get("model_id", metadata.name))
+def build_projection(
+    client: ClipClient, limits: PromptLimits, config: TuneConfig, template: Template, num_classes: int
+) -> PromptProjection:
+    """The client's projection for ``config``, with the default prompt lengths resolved."""
     d_text, d_vision = config.dims()
-    template = Template(config.template or getattr(data, "template", None) or DEFAULT_TEMPLATE)
-    projection = PromptProjection(
+    return PromptProjection(
         limits,
         n_ctx_text=text_context_length(client, config, template) if d_text else 0,
         n_ctx_vision=visual_prompt_length(limits, config) if d_vision else 0,
@@ -413,7 +416,16 @@ def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
         sigma=config.sigma,
         seed=config.seed,
         visual_prompt_position=config.visual_prompt_position,
+        class_contexts=num_classes if config.text_context == "per_class" else 0,
     )
+
+
+def _setup(client: ClipClient, data: TaskLike, config: TuneConfig) -> _Setup:
+    metadata = client.model_metadata()
+    limits = client.prompt_limits(metadata)
+    model_id = str(metadata.parameters.get("model_id", metadata.name))
+    template = Template(config.template or getattr(data, "template", None) or DEFAULT_TEMPLATE)
+    projection = build_projection(client, limits, config, template, len(data.class_names))
     # the lengths the defaults resolved to are part of the run (checkpoint, summary): a resume reuses them
     config = replace(config, n_ctx_text=projection.n_ctx_text, n_ctx_vision=projection.n_ctx_vision)
     task = RemoteTask(client, data, template, config)
@@ -633,7 +645,8 @@ def _select_and_test(task: RemoteTask, projection: PromptProjection, search: _Se
 def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike) -> dict[str, Any]:
     """Test accuracy of saved prompts on ``data`` (and zero-shot with the same template), via the API.
 
-    The text context is class-agnostic, so the data's class names may differ from the tuning run's.
+    A shared text context is class-agnostic, so the data's class names may differ from the tuning
+    run's; a per-class context belongs to the run's classes, in their order.
     """
     saved = load_prompts(prompts_path)
     meta = saved.meta
@@ -642,6 +655,9 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike)
     if meta.get("model") != model_id:
         logger.warning("prompts were tuned on model %r, the server serves %r", meta.get("model"), model_id)
     if list(meta.get("class_names", [])) != list(data.class_names):
+        if meta.get("text_context") == "per_class":
+            raise ValueError(f"{prompts_path} holds one text context per class of {meta.get('class_names')}; "
+                             f"the data's classes are {list(data.class_names)}")
         logger.warning("class names differ from the tuning run's; applying the context to the new ones")
     config = TuneConfig(
         loss=meta.get("loss", "ce"),

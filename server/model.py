@@ -145,11 +145,14 @@ class PromptedCLIP:
     ) -> torch.Tensor:
         """Normalised text features ``[P, C, E]`` (``P = 1`` without context).
 
-        ``context``: ``[P, n_ctx, D_text]``, placed after BOS, before each class text. Sequences are
-        padded to the longest one; ``pad_to`` pads further (the reference implementation's full context
-        length: same result, more work; only benchmarks use it).
+        ``context``: ``[P, n_ctx, D_text]`` shared by every class (the paper), or ``[P, C, n_ctx, D_text]``
+        one per class (CoOp's class-specific context), placed after BOS, before each class text.
+        Sequences are padded to the longest one; ``pad_to`` pads further (the reference implementation's
+        full context length: same result, more work; only benchmarks use it).
         """
-        n_ctx = 0 if context is None else context.shape[1]
+        n_ctx = 0 if context is None else context.shape[-2]
+        if context is not None and context.dim() == 4 and context.shape[1] != len(batch.token_ids):
+            raise ValueError(f"a class-specific context has {context.shape[1]} classes, the request {len(batch.token_ids)}")
         ids, eos_at = self._assemble_ids(batch, n_ctx, pad_to)  # [C, L], [C]
         embeds = self._text.embeddings.token_embedding(ids)  # [C, L, D]
         if context is None:
@@ -157,9 +160,9 @@ class PromptedCLIP:
         per_chunk = max(1, self.max_batch_images // max(1, len(batch.token_ids)))
         feats = []
         for sl in _chunks(context.shape[0], per_chunk):
-            ctx = context[sl].to(self.device, self.dtype)  # [p, n, D]
+            ctx = context[sl].to(self.device, self.dtype)  # [p, n, D] or [p, C, n, D]
             x = embeds.unsqueeze(0).repeat(ctx.shape[0], 1, 1, 1)  # [p, C, L, D]
-            x[:, :, 1 : 1 + n_ctx] = ctx.unsqueeze(1)
+            x[:, :, 1 : 1 + n_ctx] = ctx if ctx.dim() == 4 else ctx.unsqueeze(1)
             p, c, seq, d = x.shape
             feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p)).reshape(p, c, -1))
         return torch.cat(feats)

@@ -30,14 +30,14 @@ from .model import PromptedCLIP, loss_per_candidate
 
 log = logging.getLogger(__name__)
 
-# Accepted datatypes and ranks of every input.
-_INPUT_TYPES: dict[str, tuple[tuple[str, ...], int]] = {
-    p.TEXT_CONTEXT: (("FP32", "FP16"), 3),
-    p.VISUAL_PROMPT: (("FP32", "FP16"), 3),
-    p.IMAGES: (("UINT8",), 4),
-    p.IMAGE_BATCH: (("BYTES",), 1),
-    p.LABELS: (("INT64", "INT32"), 1),
-    p.CLASS_NAMES: (("BYTES",), 1),
+# Accepted datatypes and ranks of every input (text_context: shared [P, n, D] or per class [P, C, n, D]).
+_INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    p.TEXT_CONTEXT: (("FP32", "FP16"), (3, 4)),
+    p.VISUAL_PROMPT: (("FP32", "FP16"), (3,)),
+    p.IMAGES: (("UINT8",), (4,)),
+    p.IMAGE_BATCH: (("BYTES",), (1,)),
+    p.LABELS: (("INT64", "INT32"), (1,)),
+    p.CLASS_NAMES: (("BYTES",), (1,)),
 }
 
 
@@ -73,10 +73,11 @@ def _checked(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | None:
     array = arrays.get(name)
     if array is None:
         return None
-    datatypes, ndim = _INPUT_TYPES[name]
-    if datatype_of(array) not in datatypes or array.ndim != ndim:
+    datatypes, ranks = _INPUT_TYPES[name]
+    if datatype_of(array) not in datatypes or array.ndim not in ranks:
         raise InvalidTensorError(
-            f"input '{name}': expected {' or '.join(datatypes)} with {ndim} dimensions, received {_describe(array)}"
+            f"input '{name}': expected {' or '.join(datatypes)} with {' or '.join(map(str, ranks))} dimensions, "
+            f"received {_describe(array)}"
         )
     return array
 
@@ -85,11 +86,10 @@ def _finite_prompt(arrays: dict[str, np.ndarray], name: str, width: int, max_len
     array = _checked(arrays, name)
     if array is None:
         return None
-    pop, length, dim = array.shape
-    if pop < 1 or dim != width or length > max_len:
-        raise InvalidTensorError(
-            f"input '{name}': expected [P >= 1, n <= {max_len}, {width}], received {_describe(array)}"
-        )
+    pop, *classes, length, dim = array.shape  # classes: [C] for a class-specific text context
+    if pop < 1 or dim != width or length > max_len or (classes and classes[0] < 1):
+        expected = ", ".join(["P >= 1", *(["C"] if classes else []), f"n <= {max_len}", str(width)])
+        raise InvalidTensorError(f"input '{name}': expected [{expected}], received {_describe(array)}")
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise InvalidTensorError(f"input '{name}': {bad} values are NaN or infinite")
@@ -269,7 +269,7 @@ class InferenceService:
         context = _finite_prompt(arrays, p.TEXT_CONTEXT, lim.text_width, lim.max_text_context)
         # an 'add' prompt has one vector per vision position, which may be more than appended prompts may
         prompt = _finite_prompt(arrays, p.VISUAL_PROMPT, lim.vision_width, max(lim.max_visual_prompt, p.vision_positions(lim)))
-        if context is not None and context.shape[1] < 1:
+        if context is not None and context.shape[-2] < 1:
             raise InvalidTensorError(
                 f"input '{p.TEXT_CONTEXT}': needs at least one context vector, received {_describe(context)}"
             )
@@ -288,6 +288,11 @@ class InferenceService:
         class_texts = _texts(names_arr, p.CLASS_NAMES)
         if len(class_texts) > self.settings.max_classes:
             raise PayloadTooLargeError(f"{len(class_texts)} classes, at most {self.settings.max_classes}")
+        if context is not None and context.ndim == 4 and context.shape[1] != len(class_texts):
+            raise InvalidTensorError(
+                f"input '{p.TEXT_CONTEXT}': a class-specific context [P, C, n, D] needs C = {len(class_texts)} "
+                f"(one per class name), received {_describe(context)}"
+            )
         batch = self._image_batch(arrays)
         labels = self._labels(arrays, batch.num_images, len(class_texts))
         wanted = self._outputs(request, labels is not None)
@@ -329,7 +334,7 @@ class InferenceService:
         if context is not None:
             ctx = torch.from_numpy(context.astype(np.float32)).to(model.device, model.dtype)
             if params["context_init"]:
-                ctx = ctx + model.context_init(params["context_init"], ctx.shape[1])
+                ctx = ctx + model.context_init(params["context_init"], ctx.shape[-2])  # every class's context
         text = self.text_features.get(tuple(class_texts)) if ctx is None else None
         if text is None:
             try:
@@ -410,9 +415,9 @@ class InferenceService:
             if not isinstance(init, str) or context is None:
                 raise ProtocolError(f"parameter '{p.PARAM_CONTEXT_INIT}' must be a string and needs '{p.TEXT_CONTEXT}'")
             n_tokens = len(self.model.tokenize([init]).token_ids[0])
-            if n_tokens > context.shape[1]:
+            if n_tokens > context.shape[-2]:
                 raise ProtocolError(
                     f"parameter '{p.PARAM_CONTEXT_INIT}' {init!r} has {n_tokens} tokens, "
-                    f"more than the {context.shape[1]} context vectors of '{p.TEXT_CONTEXT}'"
+                    f"more than the {context.shape[-2]} context vectors of '{p.TEXT_CONTEXT}'"
                 )
         return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init}

@@ -25,7 +25,7 @@ PROTOCOL_VERSION = "1"
 DEFAULT_MODEL_NAME = "clip"
 
 # Names of the tensors: the contract between client and server.
-TEXT_CONTEXT = "text_context"  # FP32/FP16 [P, n_ctx_text, D_text]
+TEXT_CONTEXT = "text_context"  # FP32/FP16 [P, n_ctx_text, D_text] shared, or [P, C, n_ctx_text, D_text] one per class
 VISUAL_PROMPT = "visual_prompt"  # FP32/FP16 [P, n_ctx_vision, D_vision]
 IMAGES = "images"  # UINT8 [N, H, W, 3], inline
 IMAGE_BATCH = "image_batch"  # BYTES [1], id of an uploaded batch

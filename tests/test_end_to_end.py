@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bptvlm.client.api import ClipClient
+from bptvlm.client.artifacts import load_prompts
+from bptvlm.client.data import FewShotData
+from bptvlm.client.tuner import TuneConfig, evaluate_saved, run_tuning
 from bptvlm.launch import local_server
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_response, encode_request
 
@@ -59,6 +63,27 @@ def test_tuning_run_across_processes(server: str, tmp_path: Path) -> None:
     # The server charged exactly what the client counted: training plus evaluation queries.
     usage = httpx.get(f"{server}/v2/usage", headers={"Authorization": "Bearer e2e-key"}).json()["usage"]
     assert usage["candidates"] == summary["train_queries"] + summary["eval_queries"]
+
+
+def test_per_class_text_context_tunes_and_is_bound_to_its_classes(server: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = np.stack([np.full((24, 24, 3), rgb, np.uint8) for rgb in COLOURS.values()] * 4)
+    images = np.clip(images + rng.normal(0, 20, images.shape), 0, 255).astype(np.uint8)
+    labels = np.tile(np.arange(3), 4)
+    data = FewShotData(list(COLOURS), images, labels, images[:6], labels[:6], val_images=images[6:], val_labels=labels[6:])
+    config = TuneConfig(optimizer="CMA", popsize=8, budget=48, d_text=20, variant="text", text_context="per_class")
+    with ClipClient(server, api_key="e2e-key") as client:
+        summary = run_tuning(client, data, config, tmp_path, progress=False)
+        assert summary["train_queries"] == 48 and summary["text_context"] == "per_class"
+        assert summary["best_train_loss"] < summary["initial_train_loss"]
+        saved = load_prompts(tmp_path / "prompts.safetensors")
+        if summary["selected"] != "template":
+            assert saved.tensors["text_context"].shape[:3] == (1, 3, summary["n_ctx_text"])
+        assert saved.meta["class_contexts"] == 3
+        assert evaluate_saved(client, tmp_path / "prompts.safetensors", data)["num_test"] == 6
+        renamed = FewShotData(["a", "b", "c"], images, labels, images[:6], labels[:6])
+        with pytest.raises(ValueError, match="one text context per class"):
+            evaluate_saved(client, tmp_path / "prompts.safetensors", renamed)
 
 
 def test_only_loss_and_logits_leave_the_server(server: str) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 from bptvlm.client.api import ClipClient, add_usage
 from bptvlm.client.data import TaskLike
 from bptvlm.client.projection import PromptProjection
-from bptvlm.client.tuner import (DEFAULT_TEMPLATE, RemoteTask, Template, accuracy, choose_on_validation, make_optimizer,
-                                 text_context_length, visual_prompt_length)
+from bptvlm.client.tuner import (DEFAULT_TEMPLATE, RemoteTask, Template, accuracy, build_projection, choose_on_validation,
+                                 make_optimizer)
 from bptvlm.shared.protocol import LOGITS, LOSS, PromptLimits, Usage
 
 from .grid import Cell, Grid
@@ -86,13 +86,8 @@ def run_blackbox(
 ) -> list[dict[str, Any]]:
     """One tuning run to the largest budget; a row per checkpoint budget. ``bar``: a tqdm over queries."""
     config = cell.tune_config(grid)
-    d_text, d_vision = config.dims()
     template = task_template(grid, data)
-    projection = PromptProjection(
-        limits, n_ctx_text=text_context_length(client, config, template) if d_text else 0,
-        n_ctx_vision=visual_prompt_length(limits, config) if d_vision else 0, d_text=d_text, d_vision=d_vision,
-        sigma=config.sigma, seed=config.seed, visual_prompt_position=config.visual_prompt_position,
-    )  # fmt: skip
+    projection = build_projection(client, limits, config, template, len(data.class_names))
     task = RemoteTask(client, data, template, config)
     opt = make_optimizer(config, projection.dimension)
     meter = Meter()

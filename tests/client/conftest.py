@@ -94,9 +94,9 @@ class FakeServer:
         pop = prompts[0].shape[0] if prompts else 1
         loss = np.full(pop, 1.0, np.float32)
         if p.TEXT_CONTEXT in arrays:
-            loss += ((arrays[p.TEXT_CONTEXT] - self.target_text) ** 2).mean(axis=(1, 2)) * 100
+            loss += ((arrays[p.TEXT_CONTEXT] - self.target_text) ** 2).reshape(pop, -1).mean(axis=1) * 100
         if p.VISUAL_PROMPT in arrays:
-            loss += ((arrays[p.VISUAL_PROMPT] - self.target_vision) ** 2).mean(axis=(1, 2)) * 100
+            loss += ((arrays[p.VISUAL_PROMPT] - self.target_vision) ** 2).reshape(pop, -1).mean(axis=1) * 100
         right = (not prompts) == (batch_id in self.template_wins_on)
         shown = labels if right else (labels + 1) % c
         logits = np.broadcast_to(np.eye(c, dtype=np.float32)[shown], (pop, n, c)).copy()

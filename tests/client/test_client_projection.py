@@ -23,6 +23,16 @@ def test_population_first_shapes() -> None:
     assert out[VISUAL_PROMPT].shape == (5, 3, LIMITS.vision_width) and out[VISUAL_PROMPT].dtype == np.float32
 
 
+def test_class_contexts_give_one_text_context_per_class() -> None:
+    proj = PromptProjection(LIMITS, n_ctx_text=4, n_ctx_vision=3, d_text=10, d_vision=7, class_contexts=5)
+    assert proj.dimension == 17 and proj.config()["class_contexts"] == 5
+    out = proj(np.random.default_rng(0).normal(size=(2, 17)))
+    assert out[TEXT_CONTEXT].shape == (2, 5, 4, LIMITS.text_width)
+    assert out[VISUAL_PROMPT].shape == (2, 3, LIMITS.vision_width)
+    assert not np.allclose(out[TEXT_CONTEXT][:, 0], out[TEXT_CONTEXT][:, 1])  # classes get their own vectors
+    assert PromptProjection(LIMITS, d_text=0, d_vision=7, class_contexts=5).config()["class_contexts"] == 0
+
+
 def test_candidates_are_independent_rows() -> None:
     proj = PromptProjection(LIMITS, d_text=10, d_vision=7, n_ctx_text=2, n_ctx_vision=2)
     z = np.random.default_rng(0).normal(size=(4, 17))

@@ -180,8 +180,9 @@ def test_unknown_optimizer_lists_close_names() -> None:
         ({"visual_prompt_position": "mid"}, "visual_prompt_position"),
         ({"variant": "text", "d_text": 0}, "nothing to tune"),
         ({"template": "a {} and a {}"}, "exactly one"),
+        ({"text_context": "per-class"}, "text_context must be one of"),
     ],
-    ids=["budget", "popsize", "variant", "loss", "placement", "nothing", "template"],
+    ids=["budget", "popsize", "variant", "loss", "placement", "nothing", "template", "text-context"],
 )
 def test_config_validation(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -85,6 +85,18 @@ def test_zero_context_with_context_init_is_the_template(client: TestClient) -> N
     np.testing.assert_allclose(l0, l1, atol=1e-4)
 
 
+def test_per_class_context_equal_rows_is_the_shared_context(client: TestClient) -> None:
+    shared = np.random.default_rng(0).standard_normal((2, 4, W)).astype(np.float32) * 0.02
+    per_class = np.repeat(shared[:, None], len(NAMES), axis=1)  # [P, C, n, D], every class the same
+    logits = []
+    for ctx in (shared, per_class):
+        r = _post(client, {"text_context": ctx, "images": _images(), "class_names": NAMES}, outputs=("logits",),
+                  parameters={"context_init": "a photo of a"})
+        assert r.status_code == 200, r.text
+        logits.append(decode_response(r.content, r.headers.get(HEADER_LENGTH))[1]["logits"])
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+
+
 def test_tokenize_counts_tokens_and_charges_nothing(client: TestClient, tiny_model) -> None:
     texts = ["a photo of a", "a photo of", ""]
     charged = client.get("/v2/usage").json()["usage"]["candidates"]
@@ -115,8 +127,12 @@ BAD_TENSORS = {
     "context-width": (_valid() | {"text_context": np.zeros((4, 4, W + 1), np.float32)}, 422,
                       "input 'text_context': expected [P >= 1, n <= 29, 32], received FP32 [4, 4, 33]"),
     "context-dtype": (_valid() | {"text_context": np.zeros((4, 4, W), np.float64)}, 422,
-                      "input 'text_context': expected FP32 or FP16 with 3 dimensions, received FP64"),
-    "context-rank": (_valid() | {"text_context": np.zeros((4, W), np.float32)}, 422, "with 3 dimensions, received FP32 [4, 32]"),
+                      "input 'text_context': expected FP32 or FP16 with 3 or 4 dimensions, received FP64"),
+    "context-rank": (_valid() | {"text_context": np.zeros((4, W), np.float32)}, 422, "with 3 or 4 dimensions, received FP32 [4, 32]"),
+    "per-class-context-classes": (_valid() | {"text_context": np.zeros((4, 2, 4, W), np.float32)}, 422,
+                                  "a class-specific context [P, C, n, D] needs C = 3 (one per class name), received FP32 [4, 2, 4, 32]"),
+    "per-class-context-width": (_valid() | {"text_context": np.zeros((4, 3, 4, W - 1), np.float32)}, 422,
+                                "input 'text_context': expected [P >= 1, C, n <= 29, 32], received FP32 [4, 3, 4, 31]"),
     "context-nan": (_valid() | {"text_context": np.full((4, 4, W), np.nan, np.float32)}, 422,
                     "input 'text_context': 512 values are NaN or infinite"),
     "prompt-inf": (_valid() | {"visual_prompt": np.full((4, 1, W), np.inf, np.float32)}, 422,

@@ -48,6 +48,20 @@ def test_context_positions_matter(tiny_model: PromptedCLIP) -> None:
     assert not torch.allclose(feats[0], feats[1])
 
 
+def test_per_class_context_gives_each_class_its_own(tiny_model: PromptedCLIP) -> None:
+    # Class c of a per-class context [P, C, n, D] reads exactly what a shared context equal to row c gives it.
+    batch = tiny_model.tokenize(CLASSES)
+    ctx = torch.randn(2, len(CLASSES), 3, tiny_model.limits.text_width, generator=torch.Generator().manual_seed(0)) * 0.02
+    per_class = tiny_model.encode_text(batch, ctx)
+    assert per_class.shape == (2, len(CLASSES), tiny_model.limits.projection_dim)
+    for c in range(len(CLASSES)):
+        shared = tiny_model.encode_text(batch, ctx[:, c])  # every class reads class c's context
+        torch.testing.assert_close(per_class[:, c], shared[:, c], atol=1e-6, rtol=0)
+    assert not torch.allclose(per_class[:, 0], tiny_model.encode_text(batch, ctx[:, 1])[:, 0])
+    with pytest.raises(ValueError, match="3 classes, the request 4"):
+        tiny_model.encode_text(batch, ctx[:, :3])
+
+
 @pytest.mark.parametrize("placement", ["pre_ln", "post_ln"])
 def test_zero_length_visual_prompt_reproduces_get_image_features(tiny_model: PromptedCLIP, placement: str) -> None:
     pixels = tiny_model.preprocess(_images())
