@@ -72,6 +72,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--visual-prompt-position", default="pre_ln", choices=["pre_ln", "post_ln", "add"],
                    help="pre_ln: tokens appended before the pre-layer-norm (the paper's); post_ln: appended after "
                    "it (ours); add: one vector added to each vision position (ours; zero = no prompt)")
+    p.add_argument("--text-context", default="mixed", choices=["shared", "per_class", "mixed"],
+                   help="shared: one context for every class (the paper's); per_class: one per class (CoOp's); mixed: "
+                   "both added up, half of z each (ours, measured best here: BENCHMARKS.md) (default: %(default)s)")
+    p.add_argument("--sigma", type=float, default=0.5,
+                   help="projection scale; the projection's std is proportional to 1/sigma (paper: 1.0; 0.5 measured "
+                   "best here with mixed contexts: BENCHMARKS.md) (default: %(default)s)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
             for seed in seeds:
                 data = load_task(task, shots=args.shots, seed=seed)
                 config = TuneConfig(optimizer=args.optimizer, popsize=args.popsize, budget=args.budget, seed=seed,
-                                    variant=args.variant, visual_prompt_position=args.visual_prompt_position)
+                                    variant=args.variant, visual_prompt_position=args.visual_prompt_position,
+                                    text_context=args.text_context, sigma=args.sigma)
                 summary = run_tuning(client, data, config, out / task / f"seed{seed}", progress=not args.no_progress)
                 runs.append({"task": task, "seed": seed, **summary})
                 print(f"{task:<14} seed {seed}: zero-shot {summary['zero_shot_accuracy']:.3f} -> "
@@ -45,14 +46,17 @@ def run(args: argparse.Namespace) -> int:
         usage = client.usage
     wall = time.monotonic() - start
     table = summarize(runs)
-    report = format_table(table, model=model_id, variant=args.variant, budget=args.budget, seeds=seeds,
+    prompts = args.variant if args.variant == "vision" else f"{args.variant}, {args.text_context} text context"
+    prompts += f", sigma {args.sigma}"
+    report = format_table(table, model=model_id, variant=prompts, budget=args.budget, seeds=seeds,
                           queries=usage.candidates, wall_s=wall)
     print(report)
     (out / "demo.md").write_text(report + "\n")
     (out / "demo.json").write_text(json.dumps({"model": model_id, "variant": args.variant, "budget": args.budget,
+                                               "text_context": args.text_context, "sigma": args.sigma,
                                                "seeds": seeds, "wall_s": wall, "queries": usage.candidates,
                                                "tasks": table, "runs": runs}, indent=2, default=str))
-    plot(table, out / "demo.png", title=f"{model_id}: zero-shot vs BPT ({args.variant}, {args.budget} queries/task)")
+    plot(table, out / "demo.png", title=f"{model_id}: zero-shot vs BPT ({prompts}, {args.budget} queries/task)")
     print(f"wrote {out / 'demo.md'}, {out / 'demo.json'}, {out / 'demo.png'}")
     return 0
 

@@ -124,8 +124,8 @@ def add_commands(subparsers: Any) -> None:
     prompt.add_argument("--n-ctx-vision", action=_Given, type=int, default=None,
                         help="visual prompt vectors (default: 5 appended tokens; one per vision position for 'add')")
     prompt.add_argument("--text-context", action=_Given, choices=TEXT_CONTEXTS, default="shared",
-                        help="one text context shared by every class (shared, the paper) or one per class (per_class, "
-                             "CoOp's class-specific context: more to fit, for class names the model reads badly) "
+                        help="one text context shared by every class (shared, the paper), one per class (per_class, "
+                             "CoOp's class-specific context), or both added up, half of z for each (mixed, ours) "
                              "(default: %(default)s)")
     prompt.add_argument("--sigma", action=_Given, type=float, default=1.0, help="scale of the random projections (paper's sigma) (default: %(default)s)")
     prompt.add_argument(

@@ -4,6 +4,9 @@
 ``text_context = z_text @ A_text`` and ``visual_prompt = z_vision @ A_vision``, population first.
 The text context is one context shared by every class (the paper), or with ``class_contexts = C``
 one context per class (CoOp's class-specific context): ``A_text`` then has ``C`` times the columns.
+With ``shared_text_dims = h`` as well (ours, "mixed"), the first ``h`` rows of ``A_text`` repeat one
+block for every class: those dimensions of ``z`` move every class's context alike, the rest each
+class's own.
 The matrices are drawn once from the statistics the server publishes (``PromptLimits``) and never
 leave the client:
 
@@ -46,9 +49,10 @@ class PromptProjection:
         seed: int = 0,
         visual_prompt_position: str = "pre_ln",
         class_contexts: int = 0,
+        shared_text_dims: int = 0,
     ) -> None:
         for name, value in (("n_ctx_text", n_ctx_text), ("n_ctx_vision", n_ctx_vision), ("d_text", d_text),
-                            ("d_vision", d_vision), ("class_contexts", class_contexts)):
+                            ("d_vision", d_vision), ("class_contexts", class_contexts), ("shared_text_dims", shared_text_dims)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, received {value}")
         if n_ctx_text > limits.max_text_context:
@@ -71,10 +75,16 @@ class PromptProjection:
         self.d_text = d_text if n_ctx_text > 0 else 0
         self.d_vision = d_vision if n_ctx_vision > 0 else 0
         self.class_contexts = class_contexts if self.d_text else 0
+        if shared_text_dims and (not self.class_contexts or shared_text_dims > self.d_text):
+            raise ValueError(f"shared_text_dims={shared_text_dims} needs class contexts and at most d_text={self.d_text} dims")
+        self.shared_text_dims = shared_text_dims if self.class_contexts else 0
         # Independent streams per modality: disabling one never changes the other's matrix.
         text_seq, vision_seq = np.random.SeedSequence(self.seed).spawn(2)
         contexts = max(1, self.class_contexts)
         self.a_text = self._draw(text_seq, self.d_text, contexts * self.n_ctx_text * limits.text_width, 0.0, self._text_std())
+        if self.shared_text_dims:  # these rows: class 0's block, repeated for every class
+            h, block = self.shared_text_dims, self.n_ctx_text * limits.text_width
+            self.a_text[:h] = np.tile(self.a_text[:h, :block], (1, contexts))
         mean, std = self._vision_stats()
         self.a_vision = self._draw(vision_seq, self.d_vision, self.n_ctx_vision * limits.vision_width, mean, std)
 
@@ -144,4 +154,5 @@ class PromptProjection:
             "seed": self.seed,
             "visual_prompt_position": self.visual_prompt_position,
             "class_contexts": self.class_contexts,
+            "shared_text_dims": self.shared_text_dims,
         }

@@ -55,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 LOSSES = ("ce", "focal")
-TEXT_CONTEXTS = ("shared", "per_class")  # one context for every class (the paper), or one per class (CoOp's CSC)
+# One context for every class (the paper); one per class (CoOp's class-specific context); or "mixed" (ours):
+# half of z_text moves a context every class shares, half each class's own, and the two add up.
+TEXT_CONTEXTS = ("shared", "per_class", "mixed")
 # variant -> (tune text, tune vision)
 VARIANTS: dict[str, tuple[bool, bool]] = {"joint": (True, True), "text": (True, False), "vision": (False, True)}
 
@@ -87,7 +89,7 @@ class TuneConfig:
     loss: str = "ce"
     visual_prompt_position: str = "pre_ln"
     variant: str = "joint"
-    text_context: str = "shared"  # "shared" by every class (the paper) or "per_class" (CoOp's class-specific context)
+    text_context: str = "shared"  # one of TEXT_CONTEXTS
 
     def __post_init__(self) -> None:
         optimizer_class(self.optimizer)
@@ -416,7 +418,8 @@ def build_projection(
         sigma=config.sigma,
         seed=config.seed,
         visual_prompt_position=config.visual_prompt_position,
-        class_contexts=num_classes if config.text_context == "per_class" else 0,
+        class_contexts=0 if config.text_context == "shared" else num_classes,
+        shared_text_dims=d_text // 2 if config.text_context == "mixed" else 0,
     )
 
 
@@ -655,7 +658,7 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike)
     if meta.get("model") != model_id:
         logger.warning("prompts were tuned on model %r, the server serves %r", meta.get("model"), model_id)
     if list(meta.get("class_names", [])) != list(data.class_names):
-        if meta.get("text_context") == "per_class":
+        if meta.get("text_context", "shared") != "shared":
             raise ValueError(f"{prompts_path} holds one text context per class of {meta.get('class_names')}; "
                              f"the data's classes are {list(data.class_names)}")
         logger.warning("class names differ from the tuning run's; applying the context to the new ones")

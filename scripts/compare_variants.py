@@ -4,8 +4,10 @@
 
 One server; for every task and seed, every configuration below is tuned with the demo's defaults
 (DiagonalCMA, population 30, 2,000 training queries, 16 shots) and its test accuracy printed next to
-zero-shot. Configurations: text; vision and joint with the paper's placement (pre_ln) and with our
-two (post_ln: appended after the pre-layer-norm; add: one vector added to each vision position).
+zero-shot. Configurations: text with one context for every class (the paper's), one per class (CoOp's
+class-specific context) or both added up (mixed, ours); vision and joint with the paper's placement
+(pre_ln) and with our two (post_ln: appended after the pre-layer-norm; add: one vector added to each
+vision position).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from bptvlm.world.tasks import load_task
 
 CONFIGS = {
     "text": {"variant": "text"},
+    "text per_class": {"variant": "text", "text_context": "per_class"},
+    "text mixed": {"variant": "text", "text_context": "mixed"},
     "vision pre_ln": {"variant": "vision", "visual_prompt_position": "pre_ln"},
     "vision add": {"variant": "vision", "visual_prompt_position": "add"},
     "joint pre_ln": {"variant": "joint", "visual_prompt_position": "pre_ln"},
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of: {', '.join(CONFIGS)}")
     parser.add_argument("--budget", type=int, default=2000)
+    parser.add_argument("--sigma", type=float, default=1.0, help="projection scale of every configuration (paper: 1.0)")
     parser.add_argument("--out", default="runs/variants")
     args = parser.parse_args()
     tasks, seeds, configs = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.configs.split(",")
@@ -51,7 +56,8 @@ def main() -> None:
             for seed in seeds:
                 data = load_task(task, shots=16, seed=seed)
                 for name in configs:
-                    config = TuneConfig(optimizer="DiagonalCMA", popsize=30, budget=args.budget, seed=seed, **CONFIGS[name])
+                    config = TuneConfig(optimizer="DiagonalCMA", popsize=30, budget=args.budget, seed=seed, sigma=args.sigma,
+                                        **CONFIGS[name])
                     t0 = time.monotonic()
                     s = run_tuning(client, data, config, out / task / name.replace(" ", "-") / f"seed{seed}", progress=False)
                     row.setdefault("zero-shot", []).append(s["zero_shot_accuracy"])
@@ -60,7 +66,8 @@ def main() -> None:
                           f"{s['test_accuracy']:.3f} (best seen {s['test_accuracy_best']:.3f}, selected "
                           f"{s['selected']}) {time.monotonic() - t0:.0f} s", flush=True)
     columns = ["zero-shot", *configs]
-    lines = [f"model {args.model}, DiagonalCMA, {args.budget} training queries, seeds {args.seeds}: test accuracy",
+    lines = [f"model {args.model}, DiagonalCMA, {args.budget} training queries, sigma {args.sigma}, seeds {args.seeds}: "
+             "test accuracy",
              "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for task, row in rows.items():
         lines.append(f"| {task} | " + " | ".join(f"{statistics.fmean(row[c]):.3f}" for c in columns) + " |")

@@ -65,16 +65,17 @@ def test_tuning_run_across_processes(server: str, tmp_path: Path) -> None:
     assert usage["candidates"] == summary["train_queries"] + summary["eval_queries"]
 
 
-def test_per_class_text_context_tunes_and_is_bound_to_its_classes(server: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("text_context", ["per_class", "mixed"])
+def test_class_text_contexts_tune_and_are_bound_to_their_classes(server: str, tmp_path: Path, text_context: str) -> None:
     rng = np.random.default_rng(0)
     images = np.stack([np.full((24, 24, 3), rgb, np.uint8) for rgb in COLOURS.values()] * 4)
     images = np.clip(images + rng.normal(0, 20, images.shape), 0, 255).astype(np.uint8)
     labels = np.tile(np.arange(3), 4)
     data = FewShotData(list(COLOURS), images, labels, images[:6], labels[:6], val_images=images[6:], val_labels=labels[6:])
-    config = TuneConfig(optimizer="CMA", popsize=8, budget=48, d_text=20, variant="text", text_context="per_class")
+    config = TuneConfig(optimizer="CMA", popsize=8, budget=48, d_text=20, variant="text", text_context=text_context)
     with ClipClient(server, api_key="e2e-key") as client:
         summary = run_tuning(client, data, config, tmp_path, progress=False)
-        assert summary["train_queries"] == 48 and summary["text_context"] == "per_class"
+        assert summary["train_queries"] == 48 and summary["text_context"] == text_context
         assert summary["best_train_loss"] < summary["initial_train_loss"]
         saved = load_prompts(tmp_path / "prompts.safetensors")
         if summary["selected"] != "template":

@@ -48,6 +48,7 @@ class Grid:
     template: str | None = None
     loss: str = "ce"
     visual_prompt_position: str = "pre_ln"
+    text_context: str = "shared"
     baselines: tuple[str, ...] = BASELINES
     ensemble_templates: tuple[str, ...] = DEFAULT_ENSEMBLE
     whitebox_model: str | None = None
@@ -109,7 +110,10 @@ class Grid:
         """Settings that change every cell's result (part of each cell's key)."""
         keys = ("popsize", "sigma", "shots", "val_shots", "test_per_class", "template", "loss", "visual_prompt_position",
                 "budgets", "ensemble_templates", "coop_steps", "coop_lr")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.text_context != "shared":  # keyed only when set, so cells cached before it existed stay valid
+            out["text_context"] = self.text_context
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -145,6 +149,7 @@ class Cell:
             template=grid.template,
             loss=grid.loss,
             visual_prompt_position=grid.visual_prompt_position,
+            text_context=grid.text_context,
             variant=self.variant if self.kind == "blackbox" else "text",
         )
 

@@ -134,6 +134,19 @@ def test_grid_file_and_flags(tmp_path: Path) -> None:
         load_grid_file(bad)
 
 
+def test_text_context_reaches_the_cells_and_keys_only_when_set() -> None:
+    from dataclasses import replace
+
+    from bptvlm.bench.grid import make_grid
+
+    grid = make_grid({"tasks": "shape", "optimizers": "DiagonalCMA", "variants": "text"})
+    mixed = replace(grid, text_context="mixed")
+    cell = grid.cells()[0]
+    assert cell.tune_config(grid).text_context == "shared" and cell.tune_config(mixed).text_context == "mixed"
+    assert "text_context" not in grid.shared()  # keys of cells cached before the setting existed stay the same
+    assert cell.key(grid, "m") != cell.key(mixed, "m")
+
+
 def test_cli_parser_loads_no_torch() -> None:
     code = ("import argparse, sys\nfrom bptvlm.bench.cli import add_commands\np = argparse.ArgumentParser()\n"
             "add_commands(p.add_subparsers())\np.parse_args(['bench', '--tasks', 'shape'])\n"

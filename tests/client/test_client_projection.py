@@ -33,6 +33,22 @@ def test_class_contexts_give_one_text_context_per_class() -> None:
     assert PromptProjection(LIMITS, d_text=0, d_vision=7, class_contexts=5).config()["class_contexts"] == 0
 
 
+def test_mixed_context_shares_its_first_dims_across_classes() -> None:
+    proj = PromptProjection(LIMITS, n_ctx_text=2, d_text=10, d_vision=0, class_contexts=3, shared_text_dims=4)
+    assert proj.config()["shared_text_dims"] == 4
+    shared_only, own_only = np.zeros((1, 10)), np.zeros((1, 10))
+    shared_only[0, :4], own_only[0, 4:] = 1.0, 1.0
+    ctx = proj(shared_only)[TEXT_CONTEXT][0]  # [C, n, D]
+    assert ctx.any()
+    for c in (1, 2):  # the same columns of A_text (equal up to BLAS summation order)
+        np.testing.assert_allclose(ctx[c], ctx[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(proj.a_text[:4, : 2 * LIMITS.text_width], proj.a_text[:4, 2 * LIMITS.text_width : 4 * LIMITS.text_width])
+    ctx = proj(own_only)[TEXT_CONTEXT][0]
+    assert not np.allclose(ctx[0], ctx[1]) and not np.allclose(ctx[1], ctx[2])
+    with pytest.raises(ValueError, match="shared_text_dims=4 needs class contexts"):
+        PromptProjection(LIMITS, d_text=10, shared_text_dims=4)
+
+
 def test_candidates_are_independent_rows() -> None:
     proj = PromptProjection(LIMITS, d_text=10, d_vision=7, n_ctx_text=2, n_ctx_vision=2)
     z = np.random.default_rng(0).normal(size=(4, 17))
