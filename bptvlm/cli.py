@@ -75,9 +75,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-context", default="mixed", choices=["shared", "per_class", "mixed"],
                    help="shared: one context for every class (the paper's); per_class: one per class (CoOp's); mixed: "
                    "both added up, half of z each (ours, measured best here: BENCHMARKS.md) (default: %(default)s)")
-    p.add_argument("--sigma", type=float, default=0.5,
-                   help="projection scale; the projection's std is proportional to 1/sigma (paper: 1.0; 0.5 measured "
-                   "best here with mixed contexts: BENCHMARKS.md) (default: %(default)s)")
+    p.add_argument("--sigma", type=float, default=1.0,
+                   help="the paper's projection scale: the text projection's std is proportional to 1/sigma "
+                   "(default: %(default)s, the paper's)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

@@ -75,7 +75,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def format_table(table: dict[str, dict[str, float]], *, model: str, variant: str, budget: int, seeds: list[int],
                  queries: int, wall_s: float) -> str:
-    lines = [f"model {model}, BPT-VLM {variant} prompts, {budget} training queries per task and seed, "
+    lines = [f"model {model}, BPT-VLM prompts: {variant}; {budget} training queries per task and seed, "
              f"seeds {','.join(map(str, seeds))}",
              "", "| task | zero-shot | tuned | gain |", "|---|---|---|---|"]
     for task, row in table.items():

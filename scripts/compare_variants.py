@@ -7,7 +7,7 @@ One server; for every task and seed, every configuration below is tuned with the
 zero-shot. Configurations: text with one context for every class (the paper's), one per class (CoOp's
 class-specific context) or both added up (mixed, ours); vision and joint with the paper's placement
 (pre_ln) and with our two (post_ln: appended after the pre-layer-norm; add: one vector added to each
-vision position).
+vision position); joint with the mixed text context.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ CONFIGS = {
     "joint pre_ln": {"variant": "joint", "visual_prompt_position": "pre_ln"},
     "joint post_ln": {"variant": "joint", "visual_prompt_position": "post_ln"},
     "joint add": {"variant": "joint", "visual_prompt_position": "add"},
+    "joint pre_ln mixed": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed"},
+    "joint add mixed": {"variant": "joint", "visual_prompt_position": "add", "text_context": "mixed"},
 }
 
 
