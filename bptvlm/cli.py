@@ -76,8 +76,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="shared: one context for every class (the paper's); per_class: one per class (CoOp's); mixed: "
                    "both added up, half of z each (ours, measured best here: BENCHMARKS.md) (default: %(default)s)")
     p.add_argument("--sigma", type=float, default=1.0,
-                   help="the paper's projection scale: the text projection's std is proportional to 1/sigma "
-                   "(default: %(default)s, the paper's)")
+                   help="the paper's projection scale: the text projection's std is proportional to 1/sigma, the "
+                   "pre_ln visual prompt's to sigma (default: %(default)s, the paper's)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

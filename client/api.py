@@ -333,7 +333,7 @@ class ClipClient:
     ) -> InferResult:
         """One inference request; a population of P candidates is one request.
 
-        inputs: name -> array, e.g. text_context float32 [P, n_ctx, D_t], image_batch bytes [1],
+        inputs: name -> array, e.g. text_context float32 [P, n_ctx, D_t] (or [P, C, n_ctx, D_t]), image_batch bytes [1],
                 labels int64 [N], class_names bytes/str [C]
         """
         request_id = request_id or uuid.uuid4().hex

@@ -25,8 +25,9 @@ _META_KEY = "bptvlm"
 class SavedPrompts:
     """Tuned prompt tensors (a population of one) and how they were made.
 
-    tensors: ``text_context`` float32 [1, n_ctx_text, D_t] and/or ``visual_prompt`` float32
-             [1, n_ctx_vision, D_v]; ``z`` float32 [1, d] (the client-side search point).
+    tensors: ``text_context`` float32 [1, n_ctx_text, D_t] (per class: [1, C, n_ctx_text, D_t]) and/or
+             ``visual_prompt`` float32 [1, n_ctx_vision, D_v]; ``z`` float32 [1, d] (the client-side
+             search point).
     meta:    model, template, context_init, class_names, class_texts, n_ctx, seed, loss, ...
     """
 

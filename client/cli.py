@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,8 @@ def _adopt_run(args: argparse.Namespace) -> Checkpoint:
     if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ValueError(f"--out {args.out} and --resume {args.resume} name different runs; give only --resume")
     checkpoint = load_checkpoint(Path(args.resume) / CHECKPOINT_FILE)
-    stored = {**checkpoint.extra.get("source", {}), **checkpoint.config}
+    # settings added after a run was checkpointed take the value the run had: TuneConfig's default
+    stored = {**checkpoint.extra.get("source", {}), **asdict(TuneConfig(**checkpoint.config))}
     given: dict[str, str] = args.given
     for dest in (*_CONFIG_DESTS, *_SOURCE_DESTS):
         if dest not in stored:

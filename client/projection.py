@@ -75,7 +75,7 @@ class PromptProjection:
         self.d_text = d_text if n_ctx_text > 0 else 0
         self.d_vision = d_vision if n_ctx_vision > 0 else 0
         self.class_contexts = class_contexts if self.d_text else 0
-        if shared_text_dims and (not self.class_contexts or shared_text_dims > self.d_text):
+        if shared_text_dims and self.d_text and (not self.class_contexts or shared_text_dims > self.d_text):
             raise ValueError(f"shared_text_dims={shared_text_dims} needs class contexts and at most d_text={self.d_text} dims")
         self.shared_text_dims = shared_text_dims if self.class_contexts else 0
         # Independent streams per modality: disabling one never changes the other's matrix.

@@ -103,6 +103,8 @@ class TuneConfig:
             raise ValueError(f"loss must be one of {LOSSES}, received {self.loss!r}")
         if self.text_context not in TEXT_CONTEXTS:
             raise ValueError(f"text_context must be one of {TEXT_CONTEXTS}, received {self.text_context!r}")
+        if self.text_context == "mixed" and self.d_text < 2:
+            raise ValueError(f"text_context 'mixed' splits d_text between a shared and a per-class part; d_text={self.d_text}")
         if self.visual_prompt_position not in PLACEMENTS:
             raise ValueError(f"visual_prompt_position must be one of {PLACEMENTS}, received {self.visual_prompt_position!r}")
         if self.template is not None:
@@ -120,6 +122,7 @@ class TuneConfig:
 
 DEFAULT_N_CTX_TEXT = 8  # the paper's context length; longer only when the template prefix needs more tokens
 DEFAULT_N_CTX_VISION = 5  # the paper's visual prompt tokens (appended placements)
+MAX_TEXT_PROJECTION_BYTES = 2**30  # a per-class context's A_text grows with the classes: 1,000 ViT-B/32 classes ~8 GB
 
 
 @dataclass(frozen=True)
@@ -409,9 +412,18 @@ def build_projection(
 ) -> PromptProjection:
     """The client's projection for ``config``, with the default prompt lengths resolved."""
     d_text, d_vision = config.dims()
+    contexts = num_classes if d_text and config.text_context != "shared" else 1
+    n_ctx = text_context_length(client, config, template) if d_text else 0
+    size = d_text * contexts * n_ctx * limits.text_width * 4
+    if size > MAX_TEXT_PROJECTION_BYTES:
+        raise ValueError(
+            f"text_context {config.text_context!r} with {num_classes} classes needs a {size / 2**30:.1f} GiB projection "
+            f"(d_text x classes x n_ctx x {limits.text_width} floats) and as many context vectors per candidate; "
+            f"use --text-context shared, or fewer classes"
+        )
     return PromptProjection(
         limits,
-        n_ctx_text=text_context_length(client, config, template) if d_text else 0,
+        n_ctx_text=n_ctx,
         n_ctx_vision=visual_prompt_length(limits, config) if d_vision else 0,
         d_text=d_text,
         d_vision=d_vision,
@@ -657,10 +669,11 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike)
     model_id = str(metadata.parameters.get("model_id", metadata.name))
     if meta.get("model") != model_id:
         logger.warning("prompts were tuned on model %r, the server serves %r", meta.get("model"), model_id)
+    context = saved.tensors.get(TEXT_CONTEXT)
     if list(meta.get("class_names", [])) != list(data.class_names):
-        if meta.get("text_context", "shared") != "shared":
-            raise ValueError(f"{prompts_path} holds one text context per class of {meta.get('class_names')}; "
-                             f"the data's classes are {list(data.class_names)}")
+        if context is not None and context.ndim == 4:  # [1, C, n, D]
+            raise ValueError(f"{prompts_path} holds one text context per class of its run's {context.shape[1]} classes "
+                             f"(class_names in its metadata); the data's {len(data.class_names)} classes differ")
         logger.warning("class names differ from the tuning run's; applying the context to the new ones")
     config = TuneConfig(
         loss=meta.get("loss", "ce"),

@@ -294,6 +294,15 @@ def test_cli_resume_takes_the_runs_flags_and_refuses_contradicting_ones(
         args = _parser().parse_args(["tune", "--resume", str(tmp_path / "run"), flag, value])
         assert args.func(args) == cli.EXIT_USAGE
         assert f"{flag} {value} contradicts the run" in caplog.text
+    # a run checkpointed before a setting existed had that setting's default: --text-context came later
+    old = tmp_path / "old"
+    old.mkdir()
+    state = load_checkpoint(tmp_path / "run" / CHECKPOINT_FILE)
+    del state.config["text_context"]
+    save_checkpoint(old / CHECKPOINT_FILE, state)
+    args = _parser().parse_args(["tune", "--resume", str(old), "--text-context", "per_class"])
+    assert args.func(args) == cli.EXIT_USAGE
+    assert "--text-context per_class contradicts the run" in caplog.text and "(--text-context shared)" in caplog.text
     args = _parser().parse_args(["tune", "--resume", str(tmp_path / "run"), "--budget", "12", "--no-progress"])
     assert args.func(args) == cli.EXIT_OK  # agreeing flags are fine
     _same_run(whole, tmp_path / "run")

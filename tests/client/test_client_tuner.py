@@ -13,6 +13,7 @@ import pytest
 from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.data import FewShotData
+from bptvlm.client import tuner
 from bptvlm.client.tuner import Template, TuneConfig, evaluate_saved, make_optimizer, optimizer_class, run_tuning
 from bptvlm.shared import protocol as p
 
@@ -148,6 +149,26 @@ def test_evaluate_saved(client: ClipClient, tmp_path: Path) -> None:
     assert result["eval_queries"] == 2 and result["num_test"] == 6
 
 
+def test_per_class_prompts_refuse_other_classes_prompts_without_them_do_not(client: ClipClient, tmp_path: Path) -> None:
+    renamed = _data(n_test=6)
+    renamed.class_names = ["lion", "wolf"]
+    run_tuning(client, _data(), TuneConfig(budget=10, popsize=10, variant="text", text_context="per_class", **SMALL),
+               tmp_path / "text", progress=False)
+    assert load_prompts(tmp_path / "text" / "prompts.safetensors").tensors[p.TEXT_CONTEXT].shape == (1, 2, 2, LIMITS.text_width)
+    with pytest.raises(ValueError, match="one text context per class of its run's 2 classes"):
+        evaluate_saved(client, tmp_path / "text" / "prompts.safetensors", renamed)
+    run_tuning(client, _data(), TuneConfig(budget=10, popsize=10, variant="vision", text_context="mixed", **SMALL),
+               tmp_path / "vision", progress=False)  # no text context in the file: any classes will do
+    assert evaluate_saved(client, tmp_path / "vision" / "prompts.safetensors", renamed)["num_test"] == 6
+
+
+def test_per_class_projection_too_large_is_refused(client: ClipClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tuner, "MAX_TEXT_PROJECTION_BYTES", 8 * 2 * 2 * LIMITS.text_width * 4 - 1)
+    with pytest.raises(ValueError, match="with 2 classes needs a 0.0 GiB projection"):
+        run_tuning(client, _data(), TuneConfig(budget=10, popsize=10, text_context="per_class", **SMALL), tmp_path, progress=False)
+    run_tuning(client, _data(), TuneConfig(budget=10, popsize=10, **SMALL), tmp_path, progress=False)  # shared: 1 block
+
+
 def test_template_split() -> None:
     t = Template("a photo of a {}.")
     assert (t.prefix, t.class_text("dog"), t.full("dog")) == ("a photo of a", "dog.", "a photo of a dog.")
@@ -181,8 +202,9 @@ def test_unknown_optimizer_lists_close_names() -> None:
         ({"variant": "text", "d_text": 0}, "nothing to tune"),
         ({"template": "a {} and a {}"}, "exactly one"),
         ({"text_context": "per-class"}, "text_context must be one of"),
+        ({"text_context": "mixed", "d_text": 1}, "splits d_text"),
     ],
-    ids=["budget", "popsize", "variant", "loss", "placement", "nothing", "template", "text-context"],
+    ids=["budget", "popsize", "variant", "loss", "placement", "nothing", "template", "text-context", "mixed-d1"],
 )
 def test_config_validation(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -60,6 +60,11 @@ def test_per_class_context_gives_each_class_its_own(tiny_model: PromptedCLIP) ->
     assert not torch.allclose(per_class[:, 0], tiny_model.encode_text(batch, ctx[:, 1])[:, 0])
     with pytest.raises(ValueError, match="3 classes, the request 4"):
         tiny_model.encode_text(batch, ctx[:, :3])
+    before, tiny_model.max_batch_images = tiny_model.max_batch_images, len(CLASSES)  # one candidate per chunk
+    try:
+        torch.testing.assert_close(tiny_model.encode_text(batch, ctx), per_class, atol=1e-6, rtol=0)
+    finally:
+        tiny_model.max_batch_images = before
 
 
 @pytest.mark.parametrize("placement", ["pre_ln", "post_ln"])
