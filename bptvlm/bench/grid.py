@@ -110,10 +110,7 @@ class Grid:
         """Settings that change every cell's result (part of each cell's key)."""
         keys = ("popsize", "sigma", "shots", "val_shots", "test_per_class", "template", "loss", "visual_prompt_position",
                 "budgets", "ensemble_templates", "coop_steps", "coop_lr")
-        out = {k: getattr(self, k) for k in keys}
-        if self.text_context != "shared":  # keyed only when set, so cells cached before it existed stay valid
-            out["text_context"] = self.text_context
-        return out
+        return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -155,7 +152,11 @@ class Cell:
 
     def key(self, grid: Grid, model_id: str) -> str:
         """File name: readable fields and a hash of everything that shapes the result."""
-        blob = json.dumps({"cell": asdict(self), "grid": grid.shared(), "model": model_id}, sort_keys=True, default=list)
+        settings = grid.shared()
+        if self.kind == "blackbox" and self.variant != "vision" and grid.text_context != "shared":
+            # only the tuned text context depends on it; keyed only when set, so cells cached before it existed stay valid
+            settings["text_context"] = grid.text_context
+        blob = json.dumps({"cell": asdict(self), "grid": settings, "model": model_id}, sort_keys=True, default=list)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         safe_task = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.task)[-40:]
         parts = [safe_task, self.method, self.variant.replace("-", "none"), f"s{self.seed}"]

@@ -139,12 +139,15 @@ def test_text_context_reaches_the_cells_and_keys_only_when_set() -> None:
 
     from bptvlm.bench.grid import make_grid
 
-    grid = make_grid({"tasks": "shape", "optimizers": "DiagonalCMA", "variants": "text"})
+    grid = make_grid({"tasks": "shape", "optimizers": "DiagonalCMA", "variants": "text,vision"})
     mixed = replace(grid, text_context="mixed")
-    cell = grid.cells()[0]
-    assert cell.tune_config(grid).text_context == "shared" and cell.tune_config(mixed).text_context == "mixed"
+    text, vision = grid.cells()
+    assert text.tune_config(grid).text_context == "shared" and text.tune_config(mixed).text_context == "mixed"
     assert "text_context" not in grid.shared()  # keys of cells cached before the setting existed stay the same
-    assert cell.key(grid, "m") != cell.key(mixed, "m")
+    assert text.key(grid, "m") != text.key(mixed, "m")
+    assert vision.key(grid, "m") == vision.key(mixed, "m")  # no text context to tune: the same result
+    for baseline in grid.baseline_cells(whitebox=True):
+        assert baseline.key(grid, "m") == baseline.key(mixed, "m")
 
 
 def test_cli_parser_loads_no_torch() -> None:
