@@ -50,6 +50,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from bptvlm.client.projection import PLACEMENTS, TEXT_CONTEXTS
+
     p = sub.add_parser(
         "demo",
         help="serve the embedded CLIP and tune the task suite: zero-shot vs tuned",
@@ -69,10 +71,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default="text", choices=["joint", "text", "vision"],
                    help="which prompts to tune (default text: ~5 min for the suite x 3 seeds on 2 cores; joint, the "
                    "paper's, forwards every image per candidate: 90-170 s per task and seed here)")
-    p.add_argument("--visual-prompt-position", default="pre_ln", choices=["pre_ln", "post_ln", "add"],
+    p.add_argument("--visual-prompt-position", default="pre_ln", choices=PLACEMENTS,
                    help="pre_ln: tokens appended before the pre-layer-norm (the paper's); post_ln: appended after "
                    "it (ours); add: one vector added to each vision position (ours; zero = no prompt)")
-    p.add_argument("--text-context", default="mixed", choices=["shared", "per_class", "mixed"],
+    p.add_argument("--text-context", default="mixed", choices=TEXT_CONTEXTS,
                    help="shared: one context for every class (the paper's); per_class: one per class (CoOp's); mixed: "
                    "both added up, half of z each (ours, measured best here: BENCHMARKS.md) (default: %(default)s)")
     p.add_argument("--sigma", type=float, default=1.0,

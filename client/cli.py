@@ -27,8 +27,8 @@ from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 from .api import ClipClient
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint
 from .data import DataError, FewShotData, ImageFolderDataset, TaskLike
-from .projection import PLACEMENTS
-from .tuner import DEFAULT_TEMPLATE, LOSSES, TEXT_CONTEXTS, VARIANTS, TuneConfig, evaluate_saved, resume_tuning, run_tuning
+from .projection import PLACEMENTS, TEXT_CONTEXTS
+from .tuner import DEFAULT_TEMPLATE, LOSSES, VARIANTS, TuneConfig, evaluate_saved, resume_tuning, run_tuning
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,9 @@ import numpy as np
 from bptvlm.shared.protocol import TEXT_CONTEXT, VISUAL_PROMPT, PromptLimits, vision_positions
 
 PLACEMENTS = ("pre_ln", "post_ln", "add")
+# One text context for every class (the paper); one per class (CoOp's class-specific context); or "mixed" (ours):
+# half of z_text moves a context every class shares, half each class's own, and the two add up.
+TEXT_CONTEXTS = ("shared", "per_class", "mixed")
 
 
 class PromptProjection:

@@ -49,15 +49,12 @@ from .api import ClipClient, InferResult
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, data_fingerprint, load_checkpoint, save_checkpoint
 from .artifacts import PROGRESS_FILE, PROMPTS_FILE, SUMMARY_FILE, ProgressLog, SavedPrompts, load_prompts, save_prompts, write_json
 from .data import TaskLike
-from .projection import PLACEMENTS, PromptProjection
+from .projection import PLACEMENTS, TEXT_CONTEXTS, PromptProjection
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 LOSSES = ("ce", "focal")
-# One context for every class (the paper); one per class (CoOp's class-specific context); or "mixed" (ours):
-# half of z_text moves a context every class shares, half each class's own, and the two add up.
-TEXT_CONTEXTS = ("shared", "per_class", "mixed")
 # variant -> (tune text, tune vision)
 VARIANTS: dict[str, tuple[bool, bool]] = {"joint": (True, True), "text": (True, False), "vision": (False, True)}
 
@@ -378,9 +375,10 @@ class _Setup:
     fingerprint: str
 
 
-def text_context_length(client: ClipClient, config: TuneConfig, template: Template) -> int:
-    """Context vectors of the text prompt: ``config.n_ctx_text``, or by default the paper's 8, or
-    more if the template's prefix has more tokens under the served tokenizer (asked for, free).
+def text_context_length(tokens: Any, n_ctx_text: int | None, template: Template) -> int:
+    """Context vectors of the text prompt: ``n_ctx_text``, or by default the paper's 8, or more if the
+    template's prefix has more tokens under the served tokenizer. ``tokens`` counts them: a
+    ``ClipClient`` (asks the server, free) or the served ``PromptedCLIP`` (the white-box CoOp baseline).
 
     The server adds the prefix's token embeddings to the first vectors; the rest start as zero
     embeddings, which are not neutral tokens, so z = 0 is close to the template but not it (shape on
@@ -389,14 +387,9 @@ def text_context_length(client: ClipClient, config: TuneConfig, template: Templa
     colour_synonym 34.0 vs 15.8, shape_synonym 50.3 vs 41.0 with 8 vs 4 vectors; CoOp 45.0 vs 13.5 and
     70.3 vs 41.3). The untuned template stays exactly available: it is a candidate of the final choice.
     """
-    if config.n_ctx_text is not None:
-        return config.n_ctx_text
-    return default_text_context_length(client.count_tokens([template.prefix])[0] if template.prefix else 0)
-
-
-def default_text_context_length(prefix_tokens: int) -> int:
-    """The default rule, given the template prefix's token count (the white-box CoOp baseline uses it too)."""
-    return max(DEFAULT_N_CTX_TEXT, prefix_tokens)
+    if n_ctx_text is not None:
+        return n_ctx_text
+    return max(DEFAULT_N_CTX_TEXT, tokens.count_tokens([template.prefix])[0] if template.prefix else 0)
 
 
 def visual_prompt_length(limits: PromptLimits, config: TuneConfig) -> int:
@@ -412,9 +405,9 @@ def build_projection(
 ) -> PromptProjection:
     """The client's projection for ``config``, with the default prompt lengths resolved."""
     d_text, d_vision = config.dims()
-    contexts = num_classes if d_text and config.text_context != "shared" else 1
-    n_ctx = text_context_length(client, config, template) if d_text else 0
-    size = d_text * contexts * n_ctx * limits.text_width * 4
+    class_contexts = 0 if config.text_context == "shared" else num_classes
+    n_ctx = text_context_length(client, config.n_ctx_text, template) if d_text else 0
+    size = d_text * max(1, class_contexts) * n_ctx * limits.text_width * 4
     if size > MAX_TEXT_PROJECTION_BYTES:
         raise ValueError(
             f"text_context {config.text_context!r} with {num_classes} classes needs a {size / 2**30:.1f} GiB projection "
@@ -430,7 +423,7 @@ def build_projection(
         sigma=config.sigma,
         seed=config.seed,
         visual_prompt_position=config.visual_prompt_position,
-        class_contexts=0 if config.text_context == "shared" else num_classes,
+        class_contexts=class_contexts,
         shared_text_dims=d_text // 2 if config.text_context == "mixed" else 0,
     )
 

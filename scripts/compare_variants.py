@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/variants")
     args = parser.parse_args()
     tasks, seeds, configs = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}; known: {', '.join(CONFIGS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list[float]]] = {}
@@ -62,7 +65,8 @@ def main() -> None:
                                         **CONFIGS[name])
                     t0 = time.monotonic()
                     s = run_tuning(client, data, config, out / task / name.replace(" ", "-") / f"seed{seed}", progress=False)
-                    row.setdefault("zero-shot", []).append(s["zero_shot_accuracy"])
+                    if name == configs[0]:  # one zero-shot per task and seed
+                        row.setdefault("zero-shot", []).append(s["zero_shot_accuracy"])
                     row.setdefault(name, []).append(s["test_accuracy"])
                     print(f"{task:14s} seed {seed} {name:14s} zero-shot {s['zero_shot_accuracy']:.3f} -> "
                           f"{s['test_accuracy']:.3f} (best seen {s['test_accuracy_best']:.3f}, selected "

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from bptvlm.client.tuner import Template
 from bptvlm.server.loading import load_model
 from bptvlm.server.model import PromptedCLIP
 from bptvlm.world.tasks import list_tasks, load_task
@@ -30,18 +31,17 @@ def main() -> None:
     for task in [t.name for t in list_tasks(suite_only=True)]:
         data = load_task(task, shots=1, n_val=0, n_test=50)
         images = clip.encode_images(clip.preprocess(data.test_images))  # [1, N, E]
-        prefix, suffix = data.template.split("{}")
+        template = Template(data.template)
 
         def accuracy(context: torch.Tensor | None, texts: list[str]) -> float:
             logits = clip.logits(images, clip.encode_text(clip.tokenize(texts), context))[0]
             return float((logits.argmax(-1).numpy() == data.test_labels).mean())
 
-        k = len(clip.tokenize([prefix.strip()]).token_ids[0])
-        row = [accuracy(None, [data.template.format(c) for c in data.class_names])]
+        k = clip.count_tokens([template.prefix])[0]
+        row = [accuracy(None, [template.full(c) for c in data.class_names])]
         for n in [k, *lengths]:
-            context = torch.zeros(1, max(n, k), clip.limits.text_width)
-            context[0, :k] = clip.context_init(prefix.strip(), k)
-            row.append(accuracy(context, [c + suffix for c in data.class_names]))
+            context = clip.context_init(template.prefix, max(n, k))[None]  # the prefix's embeddings, zero-padded
+            row.append(accuracy(context, [template.class_text(c) for c in data.class_names]))
         print(f"{task:16s} " + " ".join(f"{v:8.3f}" for v in row) + f"   (k = {k})")
 
 

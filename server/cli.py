@@ -12,6 +12,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from bptvlm.shared.tensors import first_errors
+
     from .app import create_app
     from .config import Settings
     from .observability import configure_json_logging
@@ -36,8 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
     except ValidationError as exc:  # e.g. a postgresql:// ledger without its driver
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"bptvlm serve: {problems}", file=sys.stderr)
+        print(f"bptvlm serve: {first_errors(exc, limit=None)}", file=sys.stderr)
         return 2
     if args.json_logs:
         configure_json_logging(args.log_level)

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .ledger import POSTGRES_SCHEMES
+from .ledger import LEASE_S, POSTGRES_DRIVER_HINT, POSTGRES_SCHEMES
 
 
 class Settings(BaseSettings):
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         "reservations at once (None: a fresh name each start; they are freed after the lease)",
     )
     ledger_lease_s: float = Field(
-        default=15.0, gt=0, description="a replica silent this long is gone: its reservations stop counting"
+        default=LEASE_S, gt=0, description="a replica silent this long is gone: its reservations stop counting"
     )
     api_keys: tuple[str, ...] = Field(default=(), description="extra bearer tokens accepted (e.g. from the env)")
     quota: int | None = Field(default=None, ge=0, description="candidates each --api-key token (or anonymous) may use")
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     @classmethod
     def _driver_present(cls, value: str | None) -> str | None:
         if value is not None and value.startswith(POSTGRES_SCHEMES) and importlib.util.find_spec("psycopg") is None:
-            raise ValueError("a postgresql:// ledger needs the psycopg driver: pip install 'bptvlm[postgres]'")
+            raise ValueError(POSTGRES_DRIVER_HINT)
         return value
 
     @field_validator("device")

@@ -42,10 +42,6 @@ class Readiness:
         """Why the server is not ready; None when it is."""
         return self._reason
 
-    @property
-    def ready(self) -> bool:
-        return self._reason is None
-
 
 class ProbeLoop:
     """A daemon thread that calls ``probe`` whenever no forward succeeded for ``interval_s``

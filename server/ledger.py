@@ -49,6 +49,7 @@ TOKEN_PREFIX = "bptvlm_"
 ANSWERED_TTL_S = 7 * 24 * 3600  # how long request ids are remembered for idempotent retries
 LEASE_S = 15.0  # a replica whose heartbeat is older than this is gone; its reservations stop counting
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+POSTGRES_DRIVER_HINT = "a postgresql:// ledger needs the psycopg driver: pip install 'bptvlm[postgres]'"
 
 # {id}, {int} and {time} are the backend's column types.
 _SCHEMA = (
@@ -185,7 +186,6 @@ class Ledger:
     ) -> None:
         if lease_s <= 0:
             raise ValueError(f"lease_s must be > 0, received {lease_s}")
-        self.target = target
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.lease_s = lease_s
         self._db = open_backend(target)
@@ -298,9 +298,9 @@ class Ledger:
         """Hold ``candidates`` of the key's quota, or raise ``BudgetExhaustedError`` charging nothing."""
         self._start_heartbeat()
         with self._lock, self._db.transaction():
-            self._lock_key(key.id)
             self._touch()  # this replica is alive now, whatever its heartbeat did (so the hold counts)
             if key.quota is not None:
+                self._lock_key(key.id)
                 spent = self._spent(key.id)
                 if spent + candidates > key.quota:
                     raise BudgetExhaustedError(
@@ -350,8 +350,10 @@ class Ledger:
     # --- replicas --------------------------------------------------------------------------------
 
     def _lock_key(self, key_id: int) -> None:
-        """Serialise changes to one key's balance across connections (inside a transaction)."""
-        self._db.execute(f"SELECT id FROM keys WHERE id = ?{self._db.for_update}", (key_id,))
+        """Serialise changes to one key's balance across connections (inside a transaction). SQLite's
+        ``BEGIN IMMEDIATE`` already holds the database's write lock: nothing to do there."""
+        if self._db.for_update:
+            self._db.execute(f"SELECT id FROM keys WHERE id = ?{self._db.for_update}", (key_id,))
 
     def _sweep(self) -> None:
         """Forget replicas whose heartbeat lapsed, their holds, and request ids past their TTL."""

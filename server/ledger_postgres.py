@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from .ledger import POSTGRES_DRIVER_HINT
+
 _SCHEMA_LOCK = 0x6270_746C  # pg_advisory_xact_lock id taken while creating the schema ('bptl')
 
 
@@ -20,10 +22,7 @@ def _driver() -> Any:
     try:
         import psycopg
     except ImportError:
-        raise RuntimeError(
-            "a postgresql:// ledger needs the psycopg driver: pip install 'bptvlm[postgres]' "
-            "(or pip install 'psycopg[binary]')"
-        ) from None
+        raise RuntimeError(f"{POSTGRES_DRIVER_HINT} (or pip install 'psycopg[binary]')") from None
     return psycopg
 
 

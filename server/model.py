@@ -121,7 +121,7 @@ class PromptedCLIP:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text without special tokens; not memoised (callers' texts stay out of the cache)."""
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in self._tokenize_uncached(tuple(texts)).token_ids]
 
     def _tokenize_uncached(self, texts: tuple[str, ...]) -> TextBatch:
         ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -219,12 +219,10 @@ class PromptedCLIP:
                 pr = prompt[sl].to(self.device, self.dtype)  # [p, m, Dv]
                 p, nn_ = pr.shape[0], tokens.shape[0]
                 if placement == "add":  # m == T: the prompt shifts every position, the sequence keeps its length
-                    x = (tokens.unsqueeze(0) + pr.unsqueeze(1)).reshape(p * nn_, -1, tokens.shape[-1])
-                    part.append(self._vision_tower(x, normed=True).reshape(p, nn_, -1))
-                    continue
-                x = torch.cat(
-                    [tokens.unsqueeze(0).expand(p, -1, -1, -1), pr.unsqueeze(1).expand(-1, nn_, -1, -1)], dim=2
-                ).reshape(p * nn_, -1, tokens.shape[-1])  # [p * n', T + m, Dv]
+                    x = tokens.unsqueeze(0) + pr.unsqueeze(1)  # [p, n', T, Dv]
+                else:  # appended: [p, n', T + m, Dv]
+                    x = torch.cat([tokens.unsqueeze(0).expand(p, -1, -1, -1), pr.unsqueeze(1).expand(-1, nn_, -1, -1)], dim=2)
+                x = x.reshape(p * nn_, -1, tokens.shape[-1])
                 if placement == "pre_ln":
                     x = self._vision.pre_layrnorm(x)
                 part.append(self._vision_tower(x, normed=True).reshape(p, nn_, -1))

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -296,7 +296,8 @@ class InferenceService:
         batch = self._image_batch(arrays)
         labels = self._labels(arrays, batch.num_images, len(class_texts))
         wanted = self._outputs(request, labels is not None)
-        params = self._parameters(request.parameters or {}, context, prompt)
+        params = self._parameters(request.parameters or {}, context)
+        self._check_visual_prompt(prompt, params["visual_prompt_position"])
         return _Plan(population, batch, class_texts, context, prompt, labels, wanted, params)
 
     def _run(self, plan: _Plan) -> tuple[dict[str, np.ndarray], int]:
@@ -381,8 +382,23 @@ class InferenceService:
             raise InvalidTensorError(f"output '{p.LOSS}' needs the input '{p.LABELS}' (INT64 [N])")
         return wanted
 
-    def _parameters(self, params: dict[str, Any], context: np.ndarray | None,
-                    prompt: np.ndarray | None = None) -> dict[str, Any]:
+    def _check_visual_prompt(self, prompt: np.ndarray | None, placement: str) -> None:
+        """Appended prompts: at most ``max_visual_prompt`` tokens; ``add``: exactly one vector per position."""
+        if prompt is None:
+            return
+        positions = p.vision_positions(self.limits)
+        if placement != "add" and prompt.shape[1] > self.limits.max_visual_prompt:
+            raise InvalidTensorError(
+                f"input '{p.VISUAL_PROMPT}': at most {self.limits.max_visual_prompt} appended tokens "
+                f"(visual_prompt_position {placement!r}), received {prompt.shape[1]}"
+            )
+        if placement == "add" and prompt.shape[1] != positions:
+            raise InvalidTensorError(
+                f"input '{p.VISUAL_PROMPT}': visual_prompt_position 'add' needs one vector per vision position "
+                f"({positions} = class token + patches), received {prompt.shape[1]}"
+            )
+
+    def _parameters(self, params: dict[str, Any], context: np.ndarray | None) -> dict[str, Any]:
         known = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
                  "binary_data_output"}
         unknown = sorted(set(params) - known)
@@ -395,20 +411,9 @@ class InferenceService:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 10:
             raise ProtocolError(f"parameter '{p.PARAM_FOCAL_GAMMA}' must be a number in [0, 10], received {gamma!r}")
         placement = params.get(p.PARAM_VISUAL_PROMPT_POSITION, "pre_ln")
-        if placement not in ("pre_ln", "post_ln", "add"):
+        if placement not in get_args(p.Placement):
             raise ProtocolError(
                 f"parameter '{p.PARAM_VISUAL_PROMPT_POSITION}' must be 'pre_ln', 'post_ln' or 'add', received {placement!r}"
-            )
-        positions = p.vision_positions(self.limits)
-        if placement != "add" and prompt is not None and prompt.shape[1] > self.limits.max_visual_prompt:
-            raise InvalidTensorError(
-                f"input '{p.VISUAL_PROMPT}': at most {self.limits.max_visual_prompt} appended tokens "
-                f"(visual_prompt_position {placement!r}), received {prompt.shape[1]}"
-            )
-        if placement == "add" and prompt is not None and prompt.shape[1] != positions:
-            raise InvalidTensorError(
-                f"input '{p.VISUAL_PROMPT}': visual_prompt_position 'add' needs one vector per vision position "
-                f"({positions} = class token + patches), received {prompt.shape[1]}"
             )
         init = params.get(p.PARAM_CONTEXT_INIT)
         if init is not None:

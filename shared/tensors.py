@@ -269,7 +269,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceReq
     try:
         request = InferenceRequest.model_validate(parsed)
     except ValidationError as exc:
-        raise ProtocolError(f"invalid inference request: {_first_errors(exc)}") from None
+        raise ProtocolError(f"invalid inference request: {first_errors(exc)}") from None
     return request, decode_tensors(request.inputs, tail)
 
 
@@ -280,11 +280,12 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceRe
     try:
         response = InferenceResponse.model_validate(parsed)
     except ValidationError as exc:
-        raise ProtocolError(f"invalid inference response: {_first_errors(exc)}") from None
+        raise ProtocolError(f"invalid inference response: {first_errors(exc)}") from None
     return response, decode_tensors(response.outputs, tail)
 
 
-def _first_errors(exc: Any, limit: int = 3) -> str:
+def first_errors(exc: Any, limit: int | None = 3) -> str:
+    """``loc: msg`` of a pydantic ``ValidationError``'s first ``limit`` errors (all with None), joined by "; "."""
     parts = []
     for err in exc.errors()[:limit]:
         where = ".".join(str(x) for x in err.get("loc", ())) or "body"

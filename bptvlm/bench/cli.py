@@ -55,6 +55,8 @@ example:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``bench`` on the top-level parser's subparsers."""
+    from bptvlm.client.projection import PLACEMENTS, TEXT_CONTEXTS  # numpy only: no torch, no nevergrad
+
     p = subparsers.add_parser(
         "bench",
         help="accuracy vs. query budget for optimizers, prompt variants and baselines (resumable)",
@@ -82,8 +84,8 @@ def add_commands(subparsers: Any) -> None:
     st.add_argument("--test-per-class", dest="test_per_class", type=int, help="test images per class of built-in tasks (default: 50)")
     st.add_argument("--template", help="prompt template with one '{}' (default: each task's own)")
     st.add_argument("--loss", choices=["ce", "focal"], help="training loss (default: ce)")
-    st.add_argument("--visual-prompt-position", dest="visual_prompt_position", choices=["pre_ln", "post_ln", "add"], help="(default: pre_ln)")
-    st.add_argument("--text-context", dest="text_context", choices=["shared", "per_class", "mixed"],
+    st.add_argument("--visual-prompt-position", dest="visual_prompt_position", choices=PLACEMENTS, help="(default: pre_ln)")
+    st.add_argument("--text-context", dest="text_context", choices=TEXT_CONTEXTS,
                     help="one text context for every class (the paper's), one per class, or both added up (default: shared)")
     st.add_argument("--price-per-1k-image-forwards", dest="price_per_1k_image_forwards", type=float,
                     help="simulated price of 1,000 image forwards (default: 0.01)")

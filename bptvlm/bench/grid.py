@@ -146,7 +146,7 @@ class Cell:
             template=grid.template,
             loss=grid.loss,
             visual_prompt_position=grid.visual_prompt_position,
-            text_context=grid.text_context,
+            text_context=grid.text_context if self.kind == "blackbox" else "shared",  # baselines tune no context
             variant=self.variant if self.kind == "blackbox" else "text",
         )
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from bptvlm.client.api import ClipClient
 from bptvlm.client.data import TaskLike
-from bptvlm.client.tuner import default_text_context_length
+from bptvlm.client.tuner import text_context_length
 
 from .data import load_data
 from .grid import Cell, Grid
@@ -142,9 +142,7 @@ def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: 
 
     if cell.method == "coop":
         template = task_template(grid, data)
-        # the black-box default context length, with the prefix's tokens counted in-process
-        prefix_tokens = clip.count_tokens([template.prefix])[0] if template.prefix else 0
-        n_ctx = cell.n_ctx_text or default_text_context_length(prefix_tokens)
+        n_ctx = text_context_length(clip, cell.n_ctx_text or None, template)  # the black-box default, counted in-process
         result = run_coop(clip, data, template, n_ctx, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
     else:
         result = run_linear_probe(clip, data, seed=cell.seed)

@@ -148,6 +148,7 @@ def test_text_context_reaches_the_cells_and_keys_only_when_set() -> None:
     assert vision.key(grid, "m") == vision.key(mixed, "m")  # no text context to tune: the same result
     for baseline in grid.baseline_cells(whitebox=True):
         assert baseline.key(grid, "m") == baseline.key(mixed, "m")
+        assert baseline.tune_config(mixed).text_context == "shared"  # d = 0 baselines cannot split a mixed context
 
 
 def test_cli_parser_loads_no_torch() -> None:

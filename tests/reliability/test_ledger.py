@@ -32,7 +32,9 @@ def test_tokens_are_stored_hashed_and_authenticate(ledger_target: str) -> None:
     assert ledger.authenticate(token).name == "alice"
     assert ledger.authenticate(token + "x") is None
     ledger.close()
-    rows = open_backend(ledger_target).execute("SELECT * FROM keys").fetchall()
+    db = open_backend(ledger_target)
+    rows = db.execute("SELECT * FROM keys").fetchall()
+    db.close()
     assert len(rows) == 1 and token not in repr(rows)  # only the hash is stored
     if not ledger_target.startswith("postgresql://"):
         raw = b"".join(p.read_bytes() for p in Path(ledger_target).parent.iterdir())
@@ -105,17 +107,18 @@ def test_a_reservation_waits_for_another_replicas_on_the_same_key(
     a, b = Ledger(ledger_target), Ledger(ledger_target)
     a.create_key("k", quota=10)
     key = a.key("k")
-    read_balance = a._spent
+    read_balance, has_read = a._spent, threading.Event()
 
     def slow_read(key_id: int) -> int:
         spent = read_balance(key_id)
+        has_read.set()
         time.sleep(0.3)
         return spent
 
     monkeypatch.setattr(a, "_spent", slow_read)
     slow = threading.Thread(target=a.reserve, args=(key, 6))
     slow.start()
-    time.sleep(0.1)  # a has read the balance (0) and sleeps inside its transaction
+    assert has_read.wait(10)  # a has read the balance (0) and sleeps inside its transaction
     with pytest.raises(BudgetExhaustedError, match="4 of the key's 10 remain"):
         b.reserve(key, 6)
     slow.join()
