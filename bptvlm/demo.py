@@ -20,13 +20,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `bptvlm demo` (flags in bptvlm.cli)."""
+    from bptvlm.cli.common import given_config
     from bptvlm.client.api import ClipClient
-    from bptvlm.client.tuner import TuneConfig, run_tuning
+    from bptvlm.client.config import DEFAULT_PRESET, resolve_config
+    from bptvlm.client.run import run_tuning
+    from bptvlm.data import load_data
     from bptvlm.launch import local_server
-    from bptvlm.world.tasks import list_tasks, load_task
+    from bptvlm.world.tasks import list_tasks
 
     tasks = args.tasks.split(",") if args.tasks else [t.name for t in list_tasks(suite_only=True)]
     seeds = [int(s) for s in args.seeds.split(",")]
+    base = resolve_config(args.preset or DEFAULT_PRESET, **given_config(args))  # checks the settings before serving
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -35,10 +39,9 @@ def run(args: argparse.Namespace) -> int:
         model_id = client.model_metadata().parameters.get("model_id", args.model)
         for task in tasks:
             for seed in seeds:
-                data = load_task(task, shots=args.shots, seed=seed)
-                config = TuneConfig(optimizer=args.optimizer, popsize=args.popsize, budget=args.budget, seed=seed,
-                                    variant=args.variant, visual_prompt_position=args.visual_prompt_position,
-                                    text_context=args.text_context, sigma=args.sigma)
+                config = base.with_(seed=seed)
+                data = load_data(task, seed=seed, shots=config.shots, val_shots=config.val_shots, image_size=0,
+                                 folder=False)  # fmt: skip
                 summary = run_tuning(client, data, config, out / task / f"seed{seed}", progress=not args.no_progress)
                 runs.append({"task": task, "seed": seed, **summary})
                 print(f"{task:<14} seed {seed}: zero-shot {summary['zero_shot_accuracy']:.3f} -> "
@@ -46,17 +49,16 @@ def run(args: argparse.Namespace) -> int:
         usage = client.usage
     wall = time.monotonic() - start
     table = summarize(runs)
-    prompts = args.variant if args.variant == "vision" else f"{args.variant}, {args.text_context} text context"
-    prompts += f", sigma {args.sigma}"
-    report = format_table(table, model=model_id, variant=prompts, budget=args.budget, seeds=seeds,
+    prompts = base.variant if base.variant == "vision" else f"{base.variant}, {base.text_context} text context"
+    prompts += f", {base.optimizer}, sigma {base.sigma}"
+    report = format_table(table, model=model_id, variant=prompts, budget=base.budget, seeds=seeds,
                           queries=usage.candidates, wall_s=wall)
     print(report)
     (out / "demo.md").write_text(report + "\n")
-    (out / "demo.json").write_text(json.dumps({"model": model_id, "variant": args.variant, "budget": args.budget,
-                                               "text_context": args.text_context, "sigma": args.sigma,
+    (out / "demo.json").write_text(json.dumps({"model": model_id, "config": base.to_dict(), "budget": base.budget,
                                                "seeds": seeds, "wall_s": wall, "queries": usage.candidates,
                                                "tasks": table, "runs": runs}, indent=2, default=str))
-    plot(table, out / "demo.png", title=f"{model_id}: zero-shot vs BPT ({prompts}, {args.budget} queries/task)")
+    plot(table, out / "demo.png", title=f"{model_id}: zero-shot vs BPT ({prompts}, {base.budget} queries/task)")
     print(f"wrote {out / 'demo.md'}, {out / 'demo.json'}, {out / 'demo.png'}")
     return 0
 

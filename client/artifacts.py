@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -19,6 +20,7 @@ PROMPTS_FILE = "prompts.safetensors"
 SUMMARY_FILE = "summary.json"
 PROGRESS_FILE = "progress.jsonl"
 _META_KEY = "bptvlm"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,21 +93,34 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class ProgressLog:
-    """Appends one JSON line per generation and flushes it, so a killed run keeps its history.
+    """One JSON line per generation, flushed as written, so a killed run keeps its history; also kept
+    in memory (``records``). Without a path (a Python-API run without ``out``) memory only.
 
-    The file starts as ``history`` (a resumed run's checkpointed records), so lines written after
-    the last checkpoint, whose generations will run again, are dropped instead of duplicated.
+    A resumed run keeps the file's first ``keep`` lines (the checkpointed generations): lines written
+    after the last checkpoint, whose generations run again, are dropped instead of duplicated.
     """
 
-    def __init__(self, path: Path, history: Sequence[dict[str, Any]] = ()) -> None:
-        self._file = path.open("w")
-        for record in history:
+    def __init__(self, path: Path | None, keep: int = 0) -> None:
+        self.records: list[dict[str, Any]] = []
+        if path is not None and keep and path.is_file():
+            lines = path.read_text().splitlines()[:keep]
+            self.records = [json.loads(line) for line in lines]
+        if len(self.records) < keep:
+            logger.warning("%s holds %d progress lines, the checkpoint counts %d: the history starts incomplete",
+                           path, len(self.records), keep)
+        self._file = path.open("w") if path is not None else None
+        for record in self.records:
+            self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
             self._file.write(json.dumps(_clean(record)) + "\n")
-        self._file.flush()
+            self._file.flush()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record)) + "\n")
-        self._file.flush()
+        self.records.append(record)
+        self._write(record)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

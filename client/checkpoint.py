@@ -3,8 +3,8 @@
 ``checkpoint.pkl`` in the run's output folder is rewritten after every generation, atomically (a
 temporary file in the same folder, fsync, ``os.replace``, fsync of the folder): a crash leaves the
 previous checkpoint or the new one, never a torn one. It is a pickle of a plain dict (see
-``Checkpoint``) whose ``optimizer`` entry is the pickled nevergrad optimizer (its random state,
-the CMA matrices and the recommendation bookkeeping travel with it). All of the run's randomness
+``Checkpoint``) whose ``strategy`` entry is the pickled search strategy (its random state, the CMA
+matrices and the recommendation bookkeeping travel with it). All of the run's randomness
 lives there or in seeds in ``config``: the projection and the few-shot sample are rebuilt from
 ``config.seed``, and no global RNG is used.
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pkl"
 FORMAT = "bptvlm-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the strategy layer (client/strategies.py); progress lines counted, not copied
 
 
 class CheckpointError(ValueError):
@@ -62,9 +62,10 @@ class Checkpoint:
     server_usage:     usage the server reported over the run's requests (``Usage.model_dump()``)
     initial_loss:     loss of z = 0 on the training split (None until asked)
     best_loss, best_z float32 [d], best_generation: the best candidate evaluated so far
-    progress:         the progress.jsonl records written so far (a resume rewrites the file from them)
+    progress_lines:   how many progress.jsonl lines belong to the checkpointed generations (a resume
+                      drops the lines after them, whose generations run again)
     elapsed_s:        wall time spent before this checkpoint, over every process of the run
-    optimizer:        the pickled nevergrad optimizer, as it was after the last ``tell``
+    strategy:         the pickled strategy (client/strategies.py), as it was after the last ``tell``
     extra:            the caller's notes (the CLI keeps its data flags here, so --resume needs none)
     summary:          the final summary once the run finished (then ``done``)
     """
@@ -74,7 +75,7 @@ class Checkpoint:
     model_id: str
     data_fingerprint: str
     template: str
-    optimizer: bytes
+    strategy: bytes
     generation: int = 0
     train_queries: int = 0
     eval_queries: int = 0
@@ -83,15 +84,15 @@ class Checkpoint:
     best_loss: float = float("inf")
     best_z: np.ndarray | None = None
     best_generation: int = -1
-    progress: list[dict[str, Any]] = field(default_factory=list)
+    progress_lines: int = 0
     elapsed_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     done: bool = False
     summary: dict[str, Any] | None = None
 
-    def load_optimizer(self) -> Any:
-        """A fresh copy of the optimizer as checkpointed."""
-        return pickle.loads(self.optimizer)
+    def load_strategy(self) -> Any:
+        """The strategy as checkpointed."""
+        return pickle.loads(self.strategy)
 
     def check(self, *, model_id: str, data_fingerprint: str, template: str) -> None:
         """Raise ``CheckpointError`` unless the run is resumed against the same model, data and template."""

@@ -159,3 +159,59 @@ class PromptProjection:
             "class_contexts": self.class_contexts,
             "shared_text_dims": self.shared_text_dims,
         }
+
+
+MAX_TEXT_PROJECTION_BYTES = 2**30  # a per-class context's A_text grows with the classes: 1,000 ViT-B/32 classes ~8 GB
+
+
+def text_context_length(tokens: Any, n_ctx_text: int | None, template: Any) -> int:
+    """Context vectors of the text prompt: ``n_ctx_text``, or by default the paper's 8, or more if the
+    template's prefix has more tokens under the served tokenizer. ``tokens`` counts them: a
+    ``ClipClient`` (asks the server, free) or the served ``PromptedCLIP`` (the white-box CoOp baseline).
+
+    The server adds the prefix's token embeddings to the first vectors; the rest start as zero
+    embeddings, which are not neutral tokens, so z = 0 is close to the template but not it
+    (`python scripts/context_start.py`). The untuned template stays exactly available: it is a
+    candidate of the final choice.
+    """
+    from .config import DEFAULT_N_CTX_TEXT
+
+    if n_ctx_text is not None:
+        return n_ctx_text
+    return max(DEFAULT_N_CTX_TEXT, tokens.count_tokens([template.prefix])[0] if template.prefix else 0)
+
+
+def visual_prompt_length(limits: PromptLimits, n_ctx_vision: int | None, position: str) -> int:
+    """Visual prompt vectors: ``n_ctx_vision``, or by default 5 appended tokens (the paper's) or, for
+    ``add``, one per vision position."""
+    from .config import DEFAULT_N_CTX_VISION
+
+    if n_ctx_vision is not None:
+        return n_ctx_vision
+    return vision_positions(limits) if position == "add" else DEFAULT_N_CTX_VISION
+
+
+def build_projection(tokens: Any, limits: PromptLimits, config: Any, template: Any, num_classes: int) -> PromptProjection:
+    """The client's projection for a ``TuneConfig``, with the default prompt lengths resolved."""
+    d_text, d_vision = config.dims()
+    class_contexts = 0 if config.text_context == "shared" else num_classes
+    n_ctx = text_context_length(tokens, config.n_ctx_text, template) if d_text else 0
+    size = d_text * max(1, class_contexts) * n_ctx * limits.text_width * 4
+    if size > MAX_TEXT_PROJECTION_BYTES:
+        raise ValueError(
+            f"text_context {config.text_context!r} with {num_classes} classes needs a {size / 2**30:.1f} GiB projection "
+            f"(d_text x classes x n_ctx x {limits.text_width} floats) and as many context vectors per candidate; "
+            f"use --text-context shared, or fewer classes"
+        )
+    return PromptProjection(
+        limits,
+        n_ctx_text=n_ctx,
+        n_ctx_vision=visual_prompt_length(limits, config.n_ctx_vision, config.visual_prompt_position) if d_vision else 0,
+        d_text=d_text,
+        d_vision=d_vision,
+        sigma=config.sigma,
+        seed=config.seed,
+        visual_prompt_position=config.visual_prompt_position,
+        class_contexts=class_contexts,
+        shared_text_dims=d_text // 2 if config.text_context == "mixed" else 0,
+    )

@@ -2,9 +2,9 @@
 
     python scripts/compare_variants.py --tasks shape,count,uci_digit,shape_synonym --seeds 0
 
-One server; for every task and seed, every configuration below is tuned with the demo's defaults
-(DiagonalCMA, population 30, 2,000 training queries, 16 shots) and its test accuracy printed next to
-zero-shot. Configurations: text with one context for every class (the paper's), one per class (CoOp's
+One server; for every task and seed, every configuration below is tuned over the default preset
+(client/config.py: DiagonalCMA, population 30, 2,000 training queries, 16 shots) and its test accuracy
+printed next to zero-shot. Configurations: text with one context for every class (the paper's), one per class (CoOp's
 class-specific context) or both added up (mixed, ours); vision and joint with the paper's placement
 (pre_ln) and with our two (post_ln: appended after the pre-layer-norm; add: one vector added to each
 vision position); joint with the mixed text context.
@@ -19,19 +19,20 @@ import time
 from pathlib import Path
 
 from bptvlm.client.api import ClipClient
-from bptvlm.client.tuner import TuneConfig, run_tuning
+from bptvlm.client.config import resolve_config
+from bptvlm.client.run import run_tuning
+from bptvlm.data import load_data
 from bptvlm.launch import local_server
-from bptvlm.world.tasks import load_task
 
 CONFIGS = {
-    "text": {"variant": "text"},
+    "text": {"variant": "text", "text_context": "shared"},
     "text per_class": {"variant": "text", "text_context": "per_class"},
     "text mixed": {"variant": "text", "text_context": "mixed"},
     "vision pre_ln": {"variant": "vision", "visual_prompt_position": "pre_ln"},
     "vision add": {"variant": "vision", "visual_prompt_position": "add"},
-    "joint pre_ln": {"variant": "joint", "visual_prompt_position": "pre_ln"},
-    "joint post_ln": {"variant": "joint", "visual_prompt_position": "post_ln"},
-    "joint add": {"variant": "joint", "visual_prompt_position": "add"},
+    "joint pre_ln": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "shared"},
+    "joint post_ln": {"variant": "joint", "visual_prompt_position": "post_ln", "text_context": "shared"},
+    "joint add": {"variant": "joint", "visual_prompt_position": "add", "text_context": "shared"},
     "joint pre_ln mixed": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed"},
     "joint add mixed": {"variant": "joint", "visual_prompt_position": "add", "text_context": "mixed"},
 }
@@ -59,10 +60,10 @@ def main() -> None:
         for task in tasks:
             row = rows.setdefault(task, {})
             for seed in seeds:
-                data = load_task(task, shots=16, seed=seed)
                 for name in configs:
-                    config = TuneConfig(optimizer="DiagonalCMA", popsize=30, budget=args.budget, seed=seed, sigma=args.sigma,
-                                        **CONFIGS[name])
+                    config = resolve_config("default", budget=args.budget, seed=seed, sigma=args.sigma, **CONFIGS[name])
+                    data = load_data(task, seed=seed, shots=config.shots, val_shots=config.val_shots, image_size=0,
+                                     folder=False)
                     t0 = time.monotonic()
                     s = run_tuning(client, data, config, out / task / name.replace(" ", "-") / f"seed{seed}", progress=False)
                     if name == configs[0]:  # one zero-shot per task and seed
@@ -72,7 +73,7 @@ def main() -> None:
                           f"{s['test_accuracy']:.3f} (best seen {s['test_accuracy_best']:.3f}, selected "
                           f"{s['selected']}) {time.monotonic() - t0:.0f} s", flush=True)
     columns = ["zero-shot", *configs]
-    lines = [f"model {args.model}, DiagonalCMA, {args.budget} training queries, sigma {args.sigma}, seeds {args.seeds}: "
+    lines = [f"model {args.model}, default preset, {args.budget} training queries, sigma {args.sigma}, seeds {args.seeds}: "
              "test accuracy",
              "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for task, row in rows.items():

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from bptvlm.client.tuner import Template
+from bptvlm.client.config import Template
 from bptvlm.server.loading import load_model
 from bptvlm.server.model import PromptedCLIP
 from bptvlm.world.tasks import list_tasks, load_task

@@ -16,7 +16,9 @@ from PIL import Image
 from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.data import FewShotData
-from bptvlm.client.tuner import TuneConfig, evaluate_saved, run_tuning
+from bptvlm.client.config import TuneConfig
+from bptvlm.client.evaluate import evaluate_saved
+from bptvlm.client.run import run_tuning
 from bptvlm.launch import local_server
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_response, encode_request
 

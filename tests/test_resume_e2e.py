@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from bptvlm.client import cli
+from bptvlm.cli import common, tune as cli
 from bptvlm.launch import free_port, wait_ready
 from bptvlm.server.ledger import Ledger
 
@@ -94,7 +94,7 @@ def reference(world: dict[str, Any]) -> Path:
     parser = _parser()
     args = parser.parse_args(["tune", "--endpoint", world["server"].url, "--api-key", world["tokens"]["reference"],
                               "--data", str(world["data"]), *TUNE, "--out", str(out)])  # fmt: skip
-    assert args.func(args) == cli.EXIT_OK
+    assert args.func(args) == common.EXIT_OK
     return out
 
 
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tune(world: dict[str, Any], key: str, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, cli.API_KEY_ENV: world["tokens"][key]}
+    env = {**os.environ, common.API_KEY_ENV: world["tokens"][key]}
     log = (world["root"] / f"{key}.log").open("ab")
     return subprocess.Popen([sys.executable, "-m", "bptvlm.cli", "tune", *args], env=env, stdout=log, stderr=log)
 

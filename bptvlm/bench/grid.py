@@ -11,6 +11,11 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
     intrinsic_dims = [500]          # d_text = d_vision = d
     baselines = ["zero-shot", "ensemble", "coop", "linear-probe"]
     whitebox_model = "embedded"     # only with it: CoOp and the linear probe (white-box)
+    preset = "paper"                # where every setting not given comes from (client/config.py)
+
+Settings shared by every cell (popsize, sigma, shots, val_shots, template, loss, visual_prompt_position,
+text_context) have the names of ``TuneConfig``'s fields, which are also ``bptvlm tune``'s flags; what a
+grid leaves out, axes included, comes from its preset (default: ``default``, as for ``tune``).
 """
 
 from __future__ import annotations
@@ -33,22 +38,24 @@ class Grid:
     """Everything that defines a benchmark run besides the server and the output folder."""
 
     tasks: tuple[str, ...]
-    optimizers: tuple[str, ...] = ("CMA",)
+    preset: str = "default"
+    optimizers: tuple[str, ...] = ()  # (): the preset's optimizer
     budgets: tuple[int, ...] = (250, 500, 1000)
     seeds: tuple[int, ...] = (0,)
-    variants: tuple[str, ...] = ("joint",)
-    intrinsic_dims: tuple[int, ...] = (500,)
+    variants: tuple[str, ...] = ()  # (): the preset's variant
+    intrinsic_dims: tuple[int, ...] = ()  # (): the preset's d_text (d_text = d_vision = d)
     n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (8, or the template prefix's tokens if more)
     n_ctx_vision: tuple[int, ...] = (0,)  # 0: the client's default (5 appended, one per position for 'add')
-    popsize: int = 30
-    sigma: float = 1.0
-    shots: int = 16
-    val_shots: int = 8
+    # None: the preset's (TuneConfig fields of the same names)
+    popsize: int | None = None
+    sigma: float | None = None
+    shots: int | None = None
+    val_shots: int | None = None
     test_per_class: int = 50
     template: str | None = None
-    loss: str = "ce"
-    visual_prompt_position: str = "pre_ln"
-    text_context: str = "shared"
+    loss: str | None = None
+    visual_prompt_position: str | None = None
+    text_context: str | None = None
     baselines: tuple[str, ...] = BASELINES
     ensemble_templates: tuple[str, ...] = DEFAULT_ENSEMBLE
     whitebox_model: str | None = None
@@ -57,6 +64,15 @@ class Grid:
     coop_lr: float = 0.002
 
     def __post_init__(self) -> None:
+        from bptvlm.client.config import resolve_config  # validates names; no torch
+
+        base = resolve_config(self.preset)
+        for name in ("popsize", "sigma", "shots", "val_shots", "loss", "visual_prompt_position", "text_context"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(base, name))
+        for axis, name in (("optimizers", "optimizer"), ("variants", "variant"), ("intrinsic_dims", "d_text")):
+            if not getattr(self, axis):
+                object.__setattr__(self, axis, (getattr(base, name),))
         for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision"):
             if not getattr(self, name):
                 raise ValueError(f"grid axis {name!r} is empty")
@@ -68,7 +84,7 @@ class Grid:
             raise ValueError(f"unknown baseline {unknown[0]!r}; baselines are {', '.join(BASELINES)} (or none)")
         if self.val_shots < 1:
             raise ValueError("val_shots must be >= 1: checkpoint prompts are selected on the validation split")
-        from bptvlm.client.tuner import Template  # validates names; no torch
+        from bptvlm.client.config import Template
 
         for t in self.ensemble_templates:
             Template(t)
@@ -131,9 +147,10 @@ class Cell:
 
     def tune_config(self, grid: Grid) -> Any:
         """The client's ``TuneConfig`` of this cell (budget = the grid's largest)."""
-        from bptvlm.client.tuner import TuneConfig
+        from bptvlm.client.config import resolve_config
 
-        return TuneConfig(
+        return resolve_config(
+            grid.preset,
             optimizer=self.method if self.kind == "blackbox" else "CMA",
             popsize=grid.popsize,
             budget=grid.max_budget,
@@ -148,6 +165,8 @@ class Cell:
             visual_prompt_position=grid.visual_prompt_position,
             text_context=grid.text_context if self.kind == "blackbox" else "shared",  # baselines tune no context
             variant=self.variant if self.kind == "blackbox" else "text",
+            shots=grid.shots,
+            val_shots=grid.val_shots,
         )
 
     def key(self, grid: Grid, model_id: str) -> str:

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from bptvlm.client.api import ClipClient
 from bptvlm.client.data import TaskLike
-from bptvlm.client.tuner import text_context_length
+from bptvlm.client.config import task_template
+from bptvlm.client.projection import text_context_length
 
-from .data import load_data
+from bptvlm.data import load_data
 from .grid import Cell, Grid
 from .report import write_plots, write_report
-from .runner import run_api_baseline, run_blackbox, task_template
+from .runner import run_api_baseline, run_blackbox
 from .store import CellStore, flat_rows, write_atomic, write_tables
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: 
     from .whitebox import run_coop, run_linear_probe
 
     if cell.method == "coop":
-        template = task_template(grid, data)
+        template = task_template(cell.tune_config(grid), data)
         n_ctx = text_context_length(clip, cell.n_ctx_text or None, template)  # the black-box default, counted in-process
         result = run_coop(clip, data, template, n_ctx, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
     else:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import create_causal_mask
 
 from bptvlm.client.data import TaskLike
-from bptvlm.client.tuner import Template
+from bptvlm.client.config import Template
 from bptvlm.server.model import PromptedCLIP
 
 logger = logging.getLogger(__name__)

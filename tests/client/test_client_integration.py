@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from bptvlm.client import cli
+from bptvlm.cli import common, tune as cli
 from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.data import FewShotData
-from bptvlm.client.tuner import TuneConfig, evaluate_saved, run_tuning
+from bptvlm.client.config import TuneConfig
+from bptvlm.client.evaluate import evaluate_saved
+from bptvlm.client.run import run_tuning
 from bptvlm.server.app import create_app
 from bptvlm.server.config import Settings
 from bptvlm.shared import errors as e
@@ -114,11 +116,11 @@ def _parser() -> argparse.ArgumentParser:
 def test_cli_tune_and_eval_on_an_image_folder(
     app_http: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
+    monkeypatch.setattr(common, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
     data = write_image_folder(tmp_path / "data", {"red_thing": 6, "blue_thing": 6})
     out = tmp_path / "run"
     args = _parser().parse_args(
-        ["tune", "--endpoint", "http://testserver", "--data", str(data), "--shots", "2", "--val-shots", "1",
+        ["tune", "--preset", "paper", "--endpoint", "http://testserver", "--data", str(data), "--shots", "2", "--val-shots", "1",
          "--budget", "12", "--popsize", "5", "--intrinsic-dim-text", "10", "--intrinsic-dim-vision", "0",
          "--n-ctx-text", "4", "--template", "a picture of a {}.", "--out", str(out), "--no-progress"]
     )  # fmt: skip
@@ -135,7 +137,7 @@ def test_cli_tune_and_eval_on_an_image_folder(
 
 
 def test_cli_tune_on_a_builtin_task(app_http: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
+    monkeypatch.setattr(common, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
     args = _parser().parse_args(
         ["tune", "--task", "shape", "--shots", "2", "--budget", "6", "--popsize", "3", "--variant", "text",
          "--intrinsic-dim-text", "8", "--out", str(tmp_path), "--no-progress"]
@@ -148,10 +150,10 @@ def test_cli_tune_on_a_builtin_task(app_http: TestClient, tmp_path: Path, monkey
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
-        (["--data", "NOWHERE"], cli.EXIT_USAGE, "does not exist"),
-        (["--task", "no_such_task"], cli.EXIT_USAGE, "unknown task"),
-        (["--task", "shape", "--optimizer", "CMAA"], cli.EXIT_USAGE, "did you mean"),
-        (["--task", "shape", "--n-ctx-text", "99"], cli.EXIT_USAGE, "max_text_context"),
+        (["--data", "NOWHERE"], common.EXIT_USAGE, "does not exist"),
+        (["--task", "no_such_task"], common.EXIT_USAGE, "unknown task"),
+        (["--task", "shape", "--optimizer", "CMAA"], common.EXIT_USAGE, "did you mean"),
+        (["--task", "shape", "--n-ctx-text", "99"], common.EXIT_USAGE, "max_text_context"),
     ],
     ids=["missing-folder", "unknown-task", "unknown-optimizer", "too-many-tokens"],
 )
@@ -159,7 +161,7 @@ def test_cli_errors_are_one_line_and_an_exit_code(
     app_http: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
     argv: list[str], code: int, message: str,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(cli, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
+    monkeypatch.setattr(common, "make_client", lambda args: ClipClient(args.endpoint, http=app_http))
     args = _parser().parse_args(["tune", *argv, "--budget", "2", "--out", str(tmp_path), "--no-progress"])
     assert args.func(args) == code
     assert message in caplog.text
@@ -169,13 +171,13 @@ def test_cli_unreachable_server(tmp_path: Path, caplog: pytest.LogCaptureFixture
     args = _parser().parse_args(
         ["tune", "--endpoint", "http://127.0.0.1:9", "--task", "shape", "--wait", "0", "--out", str(tmp_path)]
     )
-    assert args.func(args) == cli.EXIT_FAILED
+    assert args.func(args) == common.EXIT_FAILED
     assert "not ready" in caplog.text
 
 
 def test_client_never_imports_the_server() -> None:
     code = (
-        "import sys, bptvlm.client.cli, bptvlm.client.tuner, bptvlm.client.api, bptvlm.client.data;"
+        "import sys, bptvlm.client.run, bptvlm.client.evaluate, bptvlm.client.api, bptvlm.client.data;"
         "bad = sorted(m for m in sys.modules if m.startswith('bptvlm.server'));"
         "assert not bad, bad"
     )

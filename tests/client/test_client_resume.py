@@ -21,12 +21,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bptvlm.client import checkpoint as ck
-from bptvlm.client import cli, tuner
+from bptvlm.cli import common, tune as cli
+from bptvlm.client import run as tuner
 from bptvlm.client.api import REQUEST_ID_HEADER, ClipClient, InferResult
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from bptvlm.client.data import FewShotData
-from bptvlm.client.tuner import TuneConfig, resume_tuning, run_tuning
+from bptvlm.client.config import TuneConfig
+from bptvlm.client.run import resume_tuning, run_tuning
 from bptvlm.server.app import create_app
 from bptvlm.server.config import Settings
 from bptvlm.shared import errors as e
@@ -227,7 +229,7 @@ def _renamed(metadata: Callable[[], dict[str, Any]], model_id: str) -> Callable[
 
 def _checkpoint(**changes: Any) -> ck.Checkpoint:
     return ck.Checkpoint(
-        config={}, run_id="r", model_id="m", data_fingerprint="f", template="t", optimizer=b"opt", **changes
+        config={}, run_id="r", model_id="m", data_fingerprint="f", template="t", strategy=b"opt", **changes
     )
 
 
@@ -279,20 +281,20 @@ def test_cli_resume_takes_the_runs_flags_and_refuses_contradicting_ones(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     fake_server.limits = fake_server.limits.model_copy(update={"image_size": 16})
-    monkeypatch.setattr(cli, "make_client", lambda args: make_client())
+    monkeypatch.setattr(common, "make_client", lambda args: make_client())
     whole = tmp_path / "whole"
     args = _parser().parse_args([*TUNE, "--out", str(whole)])
-    assert args.func(args) == cli.EXIT_OK
+    assert args.func(args) == common.EXIT_OK
 
-    monkeypatch.setattr(cli, "make_client", lambda args: _dying(make_client, 3))
+    monkeypatch.setattr(common, "make_client", lambda args: _dying(make_client, 3))
     args = _parser().parse_args([*TUNE, "--out", str(tmp_path / "run")])
     with pytest.raises(_Killed):
         args.func(args)
 
-    monkeypatch.setattr(cli, "make_client", lambda args: make_client())
+    monkeypatch.setattr(common, "make_client", lambda args: make_client())
     for flag, value in [("--budget", "13"), ("--task", "colour"), ("--intrinsic-dim-text", "7"), ("--seed", "1")]:
         args = _parser().parse_args(["tune", "--resume", str(tmp_path / "run"), flag, value])
-        assert args.func(args) == cli.EXIT_USAGE
+        assert args.func(args) == common.EXIT_USAGE
         assert f"{flag} {value} contradicts the run" in caplog.text
     # a run checkpointed before a setting existed had that setting's default: --text-context came later
     old = tmp_path / "old"
@@ -301,16 +303,16 @@ def test_cli_resume_takes_the_runs_flags_and_refuses_contradicting_ones(
     del state.config["text_context"]
     save_checkpoint(old / CHECKPOINT_FILE, state)
     args = _parser().parse_args(["tune", "--resume", str(old), "--text-context", "per_class"])
-    assert args.func(args) == cli.EXIT_USAGE
+    assert args.func(args) == common.EXIT_USAGE
     assert "--text-context per_class contradicts the run" in caplog.text and "(--text-context shared)" in caplog.text
     args = _parser().parse_args(["tune", "--resume", str(tmp_path / "run"), "--budget", "12", "--no-progress"])
-    assert args.func(args) == cli.EXIT_OK  # agreeing flags are fine
+    assert args.func(args) == common.EXIT_OK  # agreeing flags are fine
     _same_run(whole, tmp_path / "run")
 
     sent = len(fake_server.requests)
     capsys.readouterr()
     args = _parser().parse_args(["tune", "--resume", str(tmp_path / "run")])
-    assert args.func(args) == cli.EXIT_OK and len(fake_server.requests) == sent  # finished: only reported
+    assert args.func(args) == common.EXIT_OK and len(fake_server.requests) == sent  # finished: only reported
     assert "train_queries" in capsys.readouterr().out
 
 
@@ -326,7 +328,7 @@ def test_cli_resume_takes_the_runs_flags_and_refuses_contradicting_ones(
 )
 def test_cli_tune_usage_errors(argv: list[str], message: str, caplog: pytest.LogCaptureFixture) -> None:
     args = _parser().parse_args(argv)
-    assert args.func(args) == cli.EXIT_USAGE
+    assert args.func(args) == common.EXIT_USAGE
     assert message in caplog.text
 
 

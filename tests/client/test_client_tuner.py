@@ -13,8 +13,11 @@ import pytest
 from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.data import FewShotData
-from bptvlm.client import tuner
-from bptvlm.client.tuner import Template, TuneConfig, evaluate_saved, make_optimizer, optimizer_class, run_tuning
+from bptvlm.client import projection
+from bptvlm.client.config import Template, TuneConfig
+from bptvlm.client.evaluate import evaluate_saved
+from bptvlm.client.run import run_tuning
+from bptvlm.client.strategies import StrategySpec, check_strategy_name, make_strategy
 from bptvlm.shared import protocol as p
 
 from .conftest import LIMITS, FakeServer, read_jsonl
@@ -33,11 +36,12 @@ def _data(n_train: int = 6, n_test: int = 4, val: bool = False) -> FewShotData:
     return FewShotData(["cat", "dog"], *train, *test, val_images=vi, val_labels=vl)
 
 
-@pytest.mark.parametrize(("budget", "popsize"), [(47, 10), (40, 10), (3, 10), (1, 1)], ids=["ragged", "even", "under-one-gen", "one"])
+@pytest.mark.parametrize(("budget", "popsize", "optimizer"), [(47, 10, "CMA"), (40, 10, "CMA"), (3, 10, "CMA"), (1, 1, "OnePlusOne")],
+                         ids=["ragged", "even", "under-one-gen", "one"])
 def test_exact_budget_one_request_per_generation(
-    client: ClipClient, fake_server: FakeServer, tmp_path: Path, budget: int, popsize: int
+    client: ClipClient, fake_server: FakeServer, tmp_path: Path, budget: int, popsize: int, optimizer: str
 ) -> None:
-    config = TuneConfig(budget=budget, popsize=popsize, **SMALL)
+    config = TuneConfig(budget=budget, popsize=popsize, optimizer=optimizer, **SMALL)
     summary = run_tuning(client, _data(), config, tmp_path, progress=False)
     assert summary["train_queries"] == budget
     generations = math.ceil(budget / popsize)
@@ -163,7 +167,7 @@ def test_per_class_prompts_refuse_other_classes_prompts_without_them_do_not(clie
 
 
 def test_per_class_projection_too_large_is_refused(client: ClipClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tuner, "MAX_TEXT_PROJECTION_BYTES", 8 * 2 * 2 * LIMITS.text_width * 4 - 1)
+    monkeypatch.setattr(projection, "MAX_TEXT_PROJECTION_BYTES", 8 * 2 * 2 * LIMITS.text_width * 4 - 1)
     with pytest.raises(ValueError, match="with 2 classes needs a 0.0 GiB projection"):
         run_tuning(client, _data(), TuneConfig(budget=10, popsize=10, text_context="per_class", **SMALL), tmp_path, progress=False)
     run_tuning(client, _data(), TuneConfig(budget=10, popsize=10, **SMALL), tmp_path, progress=False)  # shared: 1 block
@@ -181,14 +185,13 @@ def test_template_split() -> None:
 
 
 def test_configurable_popsize_is_the_request_size() -> None:
-    opt = make_optimizer(TuneConfig(optimizer="DiagonalCMA", popsize=5), dimension=50)
-    opt.ask()
-    assert opt._popsize == 5  # nevergrad's default would be max(5, 4 + 3 ln 50) = 15
+    strategy = make_strategy(StrategySpec("DiagonalCMA", popsize=5, dimension=50, budget=100, seed=0))
+    assert strategy.population == 5  # nevergrad's default would be max(5, 4 + 3 ln 50) = 15
 
 
 def test_unknown_optimizer_lists_close_names() -> None:
-    with pytest.raises(ValueError, match="unknown nevergrad optimizer 'DiagonalCMAA'; did you mean .*DiagonalCMA"):
-        optimizer_class("DiagonalCMAA")
+    with pytest.raises(ValueError, match="unknown optimizer 'DiagonalCMAA'; did you mean .*DiagonalCMA"):
+        check_strategy_name("DiagonalCMAA")
 
 
 @pytest.mark.parametrize(

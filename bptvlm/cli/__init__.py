@@ -1,7 +1,9 @@
 """``bptvlm``: one command line for both sides. ``serve`` runs the provider; ``tune``/``eval`` the user.
 
-Each side registers its own subcommands; this module only assembles them and imports lazily, so
-``bptvlm tune`` never loads server code and ``bptvlm serve`` never loads the optimizer.
+One module per command family in this package (``tune``, ``bench``, ``world``; ``common`` holds the
+exit codes, error mapping, client factory and config-generated flags); this module assembles them.
+Commands import lazily, so ``bptvlm tune`` never loads server code and ``bptvlm serve`` never loads
+the optimizer.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from bptvlm.client.projection import PLACEMENTS, TEXT_CONTEXTS
+    from .common import add_config_flags
 
     p = sub.add_parser(
         "demo",
@@ -58,29 +60,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         description="Start `bptvlm serve --model embedded` as a subprocess, tune prompts for each suite task "
         "through the API (black-box: only loss and logits come back), and print zero-shot vs tuned test "
         "accuracy per task with the queries spent and the wall time. Writes demo.md, demo.json and demo.png "
-        "under --out.",
+        "under --out. Tuning settings as for `bptvlm tune` (default preset: the best measured on the suite).",
     )
     p.add_argument("--model", default="embedded", help="model spec for the server (default: embedded)")
     p.add_argument("--tasks", help="comma-separated task names (default: the suite, every task `bptvlm tasks list` "
                    "marks 'suite')")
-    p.add_argument("--budget", type=int, default=2000, help="training queries per task and seed (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the table averages over them (default: %(default)s)")
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--optimizer", default="DiagonalCMA", help="nevergrad optimizer name (DiagonalCMA measured best here: BENCHMARKS.md)")
-    p.add_argument("--popsize", type=int, default=30)
-    p.add_argument("--variant", default="text", choices=["joint", "text", "vision"],
-                   help="which prompts to tune (default text: ~5 min for the suite x 3 seeds on 2 cores; joint, the "
-                   "paper's, forwards every image per candidate: 90-170 s per task and seed here)")
-    p.add_argument("--visual-prompt-position", default="pre_ln", choices=PLACEMENTS,
-                   help="pre_ln: tokens appended before the pre-layer-norm (the paper's); post_ln: appended after "
-                   "it (ours); add: one vector added to each vision position (ours; zero = no prompt)")
-    p.add_argument("--text-context", default="mixed", choices=TEXT_CONTEXTS,
-                   help="shared: one context for every class (the paper's); per_class: one per class (CoOp's); mixed: "
-                   "both added up, half of z each (ours, measured best here: BENCHMARKS.md) (default: %(default)s)")
-    p.add_argument("--sigma", type=float, default=1.0,
-                   help="the paper's projection scale: the text projection's std is proportional to 1/sigma, the "
-                   "pre_ln visual prompt's to sigma (default: %(default)s, the paper's)")
-    p.add_argument("--out", default="runs/demo", help="output folder")
+    add_config_flags(p.add_argument_group("tuning (defaults from --preset)"), skip=("seed",))
+    p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 
@@ -93,19 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
         "optimizers in a random low-dimensional subspace it keeps to itself, paying one query per "
         "evaluated candidate.",
     )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        parser.add_argument("--version", action="version", version=f"bptvlm {version('bptvlm')}")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        pass
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from bptvlm.server.cli import add_commands as add_server_commands
 
     add_server_commands(sub)
-    from bptvlm.client.cli import add_commands as add_client_commands
+    from . import bench, tune, world
 
-    add_client_commands(sub)
-    from bptvlm.world.cli import add_commands as add_world_commands
-
-    add_world_commands(sub)
-    from bptvlm.bench.cli import add_commands as add_bench_commands
-
-    add_bench_commands(sub)
+    tune.add_commands(sub)
+    world.add_commands(sub)
+    bench.add_commands(sub)
     _add_demo(sub)
     _add_perf(sub)
     return parser

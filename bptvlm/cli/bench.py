@@ -1,8 +1,4 @@
-"""``bptvlm bench``: its parser and command. Heavy imports (torch, nevergrad) happen in the command.
-
-    from bptvlm.bench.cli import add_commands
-    add_commands(subparsers)  # registers `bench`; args.func(args) -> exit code
-"""
+"""``bptvlm bench``: its parser and command. Heavy imports (torch, nevergrad) happen in the command."""
 
 from __future__ import annotations
 
@@ -14,8 +10,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "BPTVLM_API_KEY"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .common import API_KEY_ENV, DEFAULT_ENDPOINT, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_command
 
 DESCRIPTION = """\
 Benchmark black-box prompt tuning against query budgets. For every cell of the grid (task x optimizer x
@@ -55,6 +50,7 @@ example:
 
 def add_commands(subparsers: Any) -> None:
     """Register ``bench`` on the top-level parser's subparsers."""
+    from bptvlm.client.config import DEFAULT_PRESET, PRESETS
     from bptvlm.client.projection import PLACEMENTS, TEXT_CONTEXTS  # numpy only: no torch, no nevergrad
 
     p = subparsers.add_parser(
@@ -66,27 +62,29 @@ def add_commands(subparsers: Any) -> None:
     )
     src = p.add_argument_group("grid (comma-separated lists; or --grid FILE)")
     src.add_argument("--grid", metavar="FILE.toml", type=Path, help="read the grid (and endpoint/out) from a TOML file")
+    src.add_argument("--preset", choices=list(PRESETS),
+                     help=f"where every setting and axis not given comes from, as for `tune` (default: {DEFAULT_PRESET})")
     src.add_argument("--tasks", help="built-in task names (`bptvlm tasks list`) or ImageFolder directories")
-    src.add_argument("--optimizers", help="names in nevergrad's registry (default: CMA)")
+    src.add_argument("--optimizers", help="names in nevergrad's registry (default: the preset's)")
     src.add_argument("--budgets", help="checkpoint budgets in training queries; one run per cell up to the largest (default: 250,500,1000)")
     src.add_argument("--seeds", help="seeds of the few-shot sample, the projection and the optimizer (default: 0)")
-    src.add_argument("--variants", help="joint, text, vision (default: joint)")
-    src.add_argument("--intrinsic-dims", dest="intrinsic_dims", help="d of z per modality (d_text = d_vision) (default: 500)")
+    src.add_argument("--variants", help="joint, text, vision (default: the preset's)")
+    src.add_argument("--intrinsic-dims", dest="intrinsic_dims", help="d of z per modality (d_text = d_vision) (default: the preset's)")
     src.add_argument("--n-ctx-text", dest="n_ctx_text",
                      help="text context lengths (default: 0 = the client's default: 8, or the template prefix's tokens if more)")
     src.add_argument("--n-ctx-vision", dest="n_ctx_vision",
                      help="visual prompt lengths (default: 0 = 5 appended tokens, or one per position for 'add')")
     st = p.add_argument_group("settings shared by every cell")
-    st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: 30)")
-    st.add_argument("--sigma", type=float, help="projection scale (default: 1.0)")
-    st.add_argument("--shots", type=int, help="training images per class (default: 16)")
-    st.add_argument("--val-shots", dest="val_shots", type=int, help="validation images per class, from the training pool (default: 8)")
+    st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: the preset's)")
+    st.add_argument("--sigma", type=float, help="projection scale (default: the preset's)")
+    st.add_argument("--shots", type=int, help="training images per class (default: the preset's)")
+    st.add_argument("--val-shots", dest="val_shots", type=int, help="validation images per class, from the training pool (default: the preset's)")
     st.add_argument("--test-per-class", dest="test_per_class", type=int, help="test images per class of built-in tasks (default: 50)")
     st.add_argument("--template", help="prompt template with one '{}' (default: each task's own)")
-    st.add_argument("--loss", choices=["ce", "focal"], help="training loss (default: ce)")
-    st.add_argument("--visual-prompt-position", dest="visual_prompt_position", choices=PLACEMENTS, help="(default: pre_ln)")
+    st.add_argument("--loss", choices=["ce", "focal"], help="training loss (default: the preset's)")
+    st.add_argument("--visual-prompt-position", dest="visual_prompt_position", choices=PLACEMENTS, help="(default: the preset's)")
     st.add_argument("--text-context", dest="text_context", choices=TEXT_CONTEXTS,
-                    help="one text context for every class (the paper's), one per class, or both added up (default: shared)")
+                    help="one text context for every class (the paper's), one per class, or both added up (default: the preset's)")
     st.add_argument("--price-per-1k-image-forwards", dest="price_per_1k_image_forwards", type=float,
                     help="simulated price of 1,000 image forwards (default: 0.01)")
     bl = p.add_argument_group("baselines")
@@ -109,7 +107,7 @@ def add_commands(subparsers: Any) -> None:
 
 def _values(args: argparse.Namespace) -> dict[str, Any]:
     """Grid-file values overlaid with the flags given on the command line."""
-    from .grid import load_grid_file
+    from bptvlm.bench.grid import load_grid_file
 
     values: dict[str, Any] = load_grid_file(args.grid) if args.grid else {}
     for key, value in vars(args).items():
@@ -124,12 +122,7 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``bptvlm bench``: run the grid, print where the outputs are."""
-    import httpx
-
-    from bptvlm.shared.errors import BptvlmError
-
-    from .grid import make_grid
-    from .harness import BenchRun, command_line, run_grid
+    from bptvlm.bench.grid import make_grid
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
@@ -138,29 +131,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, OSError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
-    run = BenchRun(
-        grid=grid,
-        out=Path(values.get("out") or "bench/run1"),
-        endpoint=values.get("endpoint") or "http://127.0.0.1:8000",
-        api_key=values.get("api_key") or os.environ.get(API_KEY_ENV) or None,
-        model_name=values.get("model_name") or "clip",
-        progress=not args.no_progress,
-        command=command_line(),
-    )
-    try:
-        outcome = run_grid(run)
-    except KeyboardInterrupt:
-        print(f"interrupted; finished cells are in {run.out}/cells; rerun the same command to resume")
-        return EXIT_INTERRUPTED
-    except BptvlmError as exc:
-        logger.error("request failed (%d): %s", exc.status_code, exc)
-        return EXIT_FAILED
-    except httpx.HTTPError as exc:
-        logger.error("cannot reach %s: %s", run.endpoint, exc)
-        return EXIT_FAILED
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return EXIT_USAGE
-    print(f"{outcome.ran} cells run, {outcome.skipped} already finished, {outcome.left} left; {outcome.wall_s:.0f} s")
-    print(f"results: {run.out / 'results.csv'}, report: {run.out / 'report.md'}")
-    return EXIT_OK
+    endpoint = values.get("endpoint") or DEFAULT_ENDPOINT
+
+    def body() -> int:
+        from bptvlm.bench.harness import BenchRun, command_line, run_grid
+
+        run = BenchRun(grid=grid, out=Path(values.get("out") or "bench/run1"), endpoint=endpoint,
+                       api_key=values.get("api_key") or os.environ.get(API_KEY_ENV) or None,
+                       model_name=values.get("model_name") or "clip", progress=not args.no_progress,
+                       command=command_line())  # fmt: skip
+        try:
+            outcome = run_grid(run)
+        except KeyboardInterrupt:
+            print(f"interrupted; finished cells are in {run.out}/cells; rerun the same command to resume")
+            return EXIT_INTERRUPTED
+        print(f"{outcome.ran} cells run, {outcome.skipped} already finished, {outcome.left} left; {outcome.wall_s:.0f} s")
+        print(f"results: {run.out / 'results.csv'}, report: {run.out / 'report.md'}")
+        return EXIT_OK
+
+    return run_command(body, endpoint)

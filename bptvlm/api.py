@@ -1,0 +1,79 @@
+"""The notebook API: ``bptvlm.tune`` and ``bptvlm.evaluate``, the same run as ``bptvlm tune``/``eval``.
+
+    import bptvlm
+    result = bptvlm.tune("http://127.0.0.1:8000", "shape", budget=300)   # a built-in task, a folder, or arrays
+    result.summary["test_accuracy"], result.prompts["text_context"].shape, result.history[-1]["best_loss"]
+
+No files are written unless ``out`` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bptvlm.client.data import FewShotData, TaskLike
+
+DataLike = str | Path | TaskLike | Mapping[str, Any]
+"""A built-in task name, an ImageFolder directory, a ``FewShotData``, or a mapping with its fields
+(``class_names``, ``train_images`` uint8 [N, H, W, 3], ``train_labels`` [N], ``test_images``,
+``test_labels``, optionally ``val_images``/``val_labels``/``template``)."""
+
+
+def _data(data: DataLike, config: Any, image_size: int) -> TaskLike:
+    from bptvlm.data import load_data
+
+    if isinstance(data, (str, Path)):
+        return load_data(str(data), seed=config.seed, shots=config.shots, val_shots=config.val_shots,
+                         image_size=image_size, folder=Path(data).is_dir() or None)  # fmt: skip
+    if isinstance(data, Mapping):
+        return FewShotData(**dict(data))
+    return data
+
+
+def tune(
+    endpoint: str,
+    data: DataLike,
+    *,
+    out: str | Path | None = None,
+    preset: str | None = None,
+    api_key: str | None = None,
+    model: str | None = None,
+    progress: bool = False,
+    **config: Any,
+) -> Any:
+    """Tune prompts for ``data`` through the server at ``endpoint``; ``config``: any ``TuneConfig``
+    field (``optimizer``, ``budget``, ``variant``, ...), over ``preset`` (default: ``default``).
+
+    Returns a ``TuneResult``: ``.summary`` (dict), ``.prompts`` (name -> ndarray), ``.history``
+    (one record per generation).
+    """
+    from bptvlm.client.api import ClipClient
+    from bptvlm.client.config import DEFAULT_PRESET, resolve_config
+    from bptvlm.client.run import start
+    from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
+
+    resolved = resolve_config(preset or DEFAULT_PRESET, **config)
+    with ClipClient(endpoint, api_key=api_key, model=model or DEFAULT_MODEL_NAME) as client:
+        metadata = client.model_metadata()
+        few_shot = _data(data, resolved, client.prompt_limits(metadata).image_size)
+        return start(client, few_shot, resolved, out, progress, metadata=metadata,
+                     extra={"preset": preset or DEFAULT_PRESET})  # fmt: skip
+
+
+def evaluate(endpoint: str, prompts: str | Path, data: DataLike, *, api_key: str | None = None,
+             model: str | None = None) -> dict[str, Any]:
+    """Test accuracy of saved prompts (a ``prompts.safetensors``) and zero-shot on ``data``'s test split."""
+    from bptvlm.client.api import ClipClient
+    from bptvlm.client.evaluate import evaluate_saved
+    from bptvlm.data import load_test_split
+    from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
+
+    with ClipClient(endpoint, api_key=api_key, model=model or DEFAULT_MODEL_NAME) as client:
+        if isinstance(data, (str, Path)):
+            size = client.prompt_limits().image_size
+            few_shot: TaskLike = load_test_split(str(data), image_size=size, folder=Path(data).is_dir() or None)
+        else:
+            few_shot = FewShotData(**dict(data)) if isinstance(data, Mapping) else data
+        return evaluate_saved(client, prompts, few_shot)

@@ -1,0 +1,57 @@
+"""Few-shot data by name: a built-in task of the embedded world, or an ImageFolder directory.
+
+One resolver for ``tune``, ``eval``, ``bench``, ``demo`` and the Python API. Every method of a run sees
+the same images: ``shots`` training images per class, ``val_shots`` validation images per class drawn
+from the training pool (disjoint from the shots and from test; the final prompt is chosen on them), and
+a test split that is scored only, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bptvlm.client.data import DataError, FewShotData, ImageFolderDataset, TaskLike
+
+
+def is_folder(spec: str) -> bool:
+    """A spec naming a directory (``./data/pets``) rather than a built-in task (``shape``)."""
+    return "/" in spec or Path(spec).is_dir()
+
+
+def load_data(
+    spec: str,
+    *,
+    seed: int,
+    shots: int,
+    val_shots: int,
+    image_size: int,
+    test_per_class: int = 50,
+    test_fraction: float = 0.5,
+    folder: bool | None = None,
+) -> TaskLike:
+    """Train/val/test splits of ``spec`` for ``seed`` (the test split does not depend on the seed).
+
+    ``folder``: True/False forces an ImageFolder/a built-in task; None decides by ``is_folder``.
+    """
+    if folder if folder is not None else is_folder(spec):
+        dataset = ImageFolderDataset(spec, image_size, seed=0, test_fraction=test_fraction)  # one test split for all seeds
+        data: FewShotData = dataset.few_shot(shots, seed=seed, n_val=val_shots)
+        return data
+    from bptvlm.world.tasks import load_task
+
+    try:
+        return load_task(spec, shots=shots, seed=seed, n_val=val_shots, n_test=test_per_class)
+    except KeyError as exc:
+        raise DataError(str(exc.args[0]) if exc.args else str(exc)) from None
+
+
+def load_test_split(spec: str, *, image_size: int, test_fraction: float = 0.5, folder: bool | None = None) -> TaskLike:
+    """Only the test split (``bptvlm eval``): an ImageFolder's test images, or a built-in task's."""
+    if not (folder if folder is not None else is_folder(spec)):
+        return load_data(spec, seed=0, shots=1, val_shots=0, image_size=image_size, folder=False)
+    dataset = ImageFolderDataset(spec, image_size, seed=0, test_fraction=test_fraction)
+    test_images, test_labels = dataset.load("test")
+    empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+    return FewShotData(list(dataset.class_names), empty, np.zeros(0, np.int64), test_images, test_labels)

@@ -1,0 +1,51 @@
+"""Saved prompts applied to a data set's test split through the API (``bptvlm eval``, ``bptvlm.evaluate``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from bptvlm.shared.protocol import TEXT_CONTEXT
+
+from .api import ClipClient
+from .artifacts import load_prompts
+from .config import Template, TuneConfig
+from .data import TaskLike
+from .objective import RemoteTask
+from .run import model_id_of
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike) -> dict[str, Any]:
+    """Test accuracy of saved prompts on ``data`` (and zero-shot with the same template), via the API.
+
+    A shared text context is class-agnostic, so the data's class names may differ from the tuning
+    run's; a per-class context belongs to the run's classes, in their order.
+    """
+    saved = load_prompts(prompts_path)
+    meta = saved.meta
+    model_id = model_id_of(client.model_metadata())
+    if meta.get("model") != model_id:
+        logger.warning("prompts were tuned on model %r, the server serves %r", meta.get("model"), model_id)
+    context = saved.tensors.get(TEXT_CONTEXT)
+    if list(meta.get("class_names", [])) != list(data.class_names):
+        if context is not None and context.ndim == 4:  # [1, C, n, D]
+            raise ValueError(f"{prompts_path} holds one text context per class of its run's {context.shape[1]} classes "
+                             f"(class_names in its metadata); the data's {len(data.class_names)} classes differ")
+        logger.warning("class names differ from the tuning run's; applying the context to the new ones")
+    config = TuneConfig(loss=meta.get("loss", "ce"), visual_prompt_position=meta.get("visual_prompt_position", "pre_ln"),
+                        template=meta["template"], budget=1)  # fmt: skip
+    task = RemoteTask(client, data, Template(meta["template"]), config)
+    tuned = float(task.accuracies("test", saved.prompts())[0])
+    zero_shot = float(task.accuracies("test", {})[0])
+    return {
+        "prompts": str(prompts_path),
+        "model": model_id,
+        "template": meta["template"],
+        "num_test": len(task.labels("test")),
+        "test_accuracy": tuned,
+        "zero_shot_accuracy": zero_shot,
+        "eval_queries": task.meter.eval,
+    }
