@@ -9,6 +9,7 @@ No files are written unless ``out`` is given.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ DataLike = str | Path | TaskLike | Mapping[str, Any]
 """A built-in task name, an ImageFolder directory, a ``FewShotData``, or a mapping with its fields
 (``class_names``, ``train_images`` uint8 [N, H, W, 3], ``train_labels`` [N], ``test_images``,
 ``test_labels``, optionally ``val_images``/``val_labels``/``template``)."""
+
+
+def _key(api_key: str | None) -> str | None:
+    from bptvlm.cli.common import API_KEY_ENV
+
+    return api_key or os.environ.get(API_KEY_ENV) or None
 
 
 def _data(data: DataLike, config: Any, image_size: int) -> TaskLike:
@@ -43,7 +50,8 @@ def tune(
     progress: bool = False,
     **config: Any,
 ) -> Any:
-    """Tune prompts for ``data`` through the server at ``endpoint``; ``config``: any ``TuneConfig``
+    """Tune prompts for ``data`` through the server at ``endpoint`` (key: ``api_key`` or the environment
+    variable ``BPTVLM_API_KEY``); ``config``: any ``TuneConfig``
     field (``optimizer``, ``budget``, ``variant``, ...), over ``preset`` (default: ``default``).
 
     Returns a ``TuneResult``: ``.summary`` (dict), ``.prompts`` (name -> ndarray), ``.history``
@@ -55,7 +63,7 @@ def tune(
     from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 
     resolved = resolve_config(preset or DEFAULT_PRESET, **config)
-    with ClipClient(endpoint, api_key=api_key, model=model or DEFAULT_MODEL_NAME) as client:
+    with ClipClient(endpoint, api_key=_key(api_key), model=model or DEFAULT_MODEL_NAME) as client:
         metadata = client.model_metadata()
         few_shot = _data(data, resolved, client.prompt_limits(metadata).image_size)
         return start(client, few_shot, resolved, out, progress, metadata=metadata,
@@ -70,7 +78,7 @@ def evaluate(endpoint: str, prompts: str | Path, data: DataLike, *, api_key: str
     from bptvlm.data import load_test_split
     from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 
-    with ClipClient(endpoint, api_key=api_key, model=model or DEFAULT_MODEL_NAME) as client:
+    with ClipClient(endpoint, api_key=_key(api_key), model=model or DEFAULT_MODEL_NAME) as client:
         if isinstance(data, (str, Path)):
             size = client.prompt_limits().image_size
             few_shot: TaskLike = load_test_split(str(data), image_size=size, folder=Path(data).is_dir() or None)

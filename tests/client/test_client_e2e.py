@@ -70,3 +70,34 @@ def test_tune_as_a_separate_process_charges_exactly(endpoint: str, tmp_path: Pat
         )
     total = result.parameters["usage_total"]["candidates"]
     assert total == summary["train_queries"] + summary["eval_queries"] + 1
+
+
+def test_paper_preset_at_the_papers_caltech_budget(endpoint: str, tmp_path: Path) -> None:
+    """`--preset paper` (CMA-ES, popsize 30, 500 + 500 dims, joint) to 3,600 queries: it used to die at
+    1,800 with pycma's 'Mean shift samples are expected but missing'."""
+    data = write_image_folder(tmp_path / "data", {"red": 6, "green": 6, "blue": 6}, size=32, tint=True)
+    out = tmp_path / "paper"
+    env = {**os.environ, "BPTVLM_API_KEY": KEY}
+    subprocess.run(
+        [sys.executable, "-m", "bptvlm.cli", "tune", "--preset", "paper", "--endpoint", endpoint, "--data", str(data),
+         "--shots", "2", "--val-shots", "1", "--budget", "3600", "--out", str(out), "--no-progress"],
+        env=env, check=True, timeout=600, capture_output=True,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_queries"] == 3600 and summary["generations"] == 120
+    assert summary["config"]["optimizer"] == "CMA" and summary["strategy"] == "CMA -> ParametrizedCMA(popsize=30)"
+    assert (summary["d_text"], summary["d_vision"], summary["popsize"], summary["variant"]) == (500, 500, 30, "joint")
+
+
+def test_readme_python_api_example_runs(endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's notebook example, executed as written but for the endpoint and key."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = readme.split("<!-- python-api-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace('"http://127.0.0.1:8000"', repr(endpoint))
+    monkeypatch.setenv("BPTVLM_API_KEY", KEY)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    result = namespace["result"]
+    assert result.summary["train_queries"] == 300  # type: ignore[attr-defined]
+    assert len(result.history) == 10  # type: ignore[attr-defined]
