@@ -124,21 +124,9 @@ class _Bar(LoopCallback):
         self.bar.set_postfix(best=f"{state.best_loss:.4f}")
 
 
-def run_tuning(
-    client: ClipClient,
-    data: TaskLike,
-    config: TuneConfig,
-    out_dir: str | Path | None,
-    progress: bool = True,
-    *,
-    extra: dict[str, Any] | None = None,
-    metadata: ModelMetadata | None = None,
-) -> dict[str, Any]:
-    """Tune prompts for ``data`` through ``client`` and return the summary (``start`` for the whole result).
-
-    ``extra`` (JSON-like) is kept in the checkpoint for whoever resumes the run.
-    """
-    return start(client, data, config, out_dir, progress, extra=extra, metadata=metadata).summary
+def run_tuning(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``start(...)``'s summary: tune prompts for ``data`` through ``client``."""
+    return start(*args, **kwargs).summary
 
 
 def start(
@@ -151,7 +139,8 @@ def start(
     extra: dict[str, Any] | None = None,
     metadata: ModelMetadata | None = None,
 ) -> TuneResult:
-    """A new run (see ``run_tuning``); ``TuneResult`` with summary, prompts and history."""
+    """Tune prompts for ``data`` through ``client``; ``TuneResult`` with summary, prompts and history.
+    ``out_dir`` None: no files. ``extra`` (JSON-like) is kept in the checkpoint for whoever resumes."""
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
