@@ -72,9 +72,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, fsync it and rename it over ``path``:
-    readers (and a crash) see the old file or the whole new one, never a part."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object] | str | bytes) -> None:
+    """Write ``write`` (text, bytes, or a function of the open file) to a temporary file beside
+    ``path``, fsync it and rename it over ``path``: readers (and a crash) see the old file or the
+    whole new one, never a part."""
+    if isinstance(write, (str, bytes)):
+        payload = write.encode("utf-8") if isinstance(write, str) else write
+        write = lambda f: f.write(payload)  # noqa: E731
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -89,7 +93,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
 
 
 class ProgressLog:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import normalizers, pre_tokenizers
 from transformers import (
     AutoTokenizer,
     CLIPConfig,
@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from .bpe import assemble_bpe
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +70,8 @@ def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
                 merges.append((left, right))
                 vocab[left + right] = len(vocab)
             left = left + right
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = splitter
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=32
-    )
+    return assemble_bpe(vocab, merges, bos=BOS, eos=EOS, pad=PAD, unk=UNK,
+                        normalizer=normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()]))
 
 
 def tiny_random_clip(seed: int = 0) -> LoadedModel:

@@ -21,15 +21,16 @@ from typing import Any
 from tqdm import tqdm
 
 from bptvlm.client.api import ClipClient
-from bptvlm.client.data import TaskLike
+from bptvlm.client.artifacts import write_atomic
 from bptvlm.client.config import task_template
+from bptvlm.client.data import TaskLike
 from bptvlm.client.projection import text_context_length
-
 from bptvlm.data import load_data
+
 from .grid import Cell, Grid
 from .report import write_plots, write_report
 from .runner import run_api_baseline, run_blackbox
-from .store import CellStore, flat_rows, write_atomic, write_tables
+from .store import CellStore, flat_rows, write_tables
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,12 @@ class Outcome:
     wall_s: float
 
 
-def _whitebox_model(spec: str, client: ClipClient) -> Any:
+def _whitebox_model(spec: str, served: Any) -> Any:
     """The served model in-process (``PromptedCLIP``); ``ValueError`` unless it is the same model."""
     from bptvlm.server.loading import load_model
     from bptvlm.server.model import PromptedCLIP
 
     clip = PromptedCLIP(load_model(spec))
-    served = client.prompt_limits()
     if clip.limits != served:
         raise ValueError(
             f"--whitebox-model {spec} is not the served model (its published statistics differ: "
@@ -107,7 +107,7 @@ def run_grid(run: BenchRun) -> Outcome:
                     data_cache[(cell.task, cell.seed)] = data
                 if cell.kind == "white-box" and clip is None:
                     assert grid.whitebox_model
-                    clip = _whitebox_model(grid.whitebox_model, client)
+                    clip = _whitebox_model(grid.whitebox_model, limits)
                 t0 = time.perf_counter()
                 rows = _run_cell(client, limits, clip, data, cell, grid, query_bar)
                 record = {"cell": asdict(cell), "model": model_id, "rows": rows, "cell_wall_s": round(time.perf_counter() - t0, 3),

@@ -145,7 +145,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], header: str, budgets: li
         "training wall seconds.\n\n" + cost_table(summary, budgets, varied),
     ])
     path = out / "report.md"
-    from .store import write_atomic
+    from bptvlm.client.artifacts import write_atomic
 
     write_atomic(path, text + "\n")
     return path

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bptvlm.client.artifacts import write_atomic as write_bytes_atomic
+from bptvlm.client.artifacts import write_atomic
 
 CELLS_DIR = "cells"
 COLUMNS = (
@@ -20,11 +20,6 @@ COLUMNS = (
     "requests", "image_forwards", "price", "eval_queries", "eval_requests", "eval_image_forwards", "eval_wall_s",
     "kind", "d", "n_ctx_text", "n_ctx_vision", "val_loss", "train_loss", "selected", "model",
 )  # fmt: skip
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    write_bytes_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 class CellStore:

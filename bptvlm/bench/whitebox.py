@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from transformers.masking_utils import create_causal_mask
 
-from bptvlm.client.data import TaskLike
 from bptvlm.client.config import Template
+from bptvlm.client.data import TaskLike
 from bptvlm.server.model import PromptedCLIP
+from bptvlm.world.evaluate import fit_linear_probe
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CoOpText:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread; two threads on a busy 2-core machine were 20x slower."""
+    """Tiny models train fastest on one thread (many small ops: threads only add synchronisation)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -151,17 +152,7 @@ def _probe(clip: PromptedCLIP, data: TaskLike, *, seed: int) -> dict[str, Any]:
     n_classes = len(data.class_names)
     best: tuple[float, float, float, torch.nn.Linear | None] = (-1.0, 0.0, float("inf"), None)
     for wd in PROBE_WEIGHT_DECAYS:
-        torch.manual_seed(seed)
-        lin = torch.nn.Linear(x_tr.shape[1], n_classes)
-        opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(lin(x_tr * 10), y_tr) + wd * lin.weight.square().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        lin = fit_linear_probe(x_tr, y_tr, n_classes, weight_decay=wd, max_iter=300, seed=seed)
         with torch.no_grad():
             x_va, y_va = feats["val"]
             val_acc, val_loss = _acc(lin(x_va * 10), y_va), float(F.cross_entropy(lin(x_va * 10), y_va))

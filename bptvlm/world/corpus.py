@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from bptvlm.server.bpe import assemble_bpe
 from bptvlm.world.render import BACKGROUNDS, COLOURS, COUNT_WORDS, SHAPES, Scene, digit_pool, render
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<start_of_text>", "<end_of_text>"
@@ -186,14 +187,8 @@ def train_tokenizer(seed: int, vocab_size: int = 512, n_captions: int = 20000) -
     merges = _learn_merges(dict(sorted(counts.items())), vocab_size - len(vocab))
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   unk_token=UNK, model_max_length=32)
+    normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    return assemble_bpe(vocab, merges, bos=BOS, eos=EOS, pad=PAD, unk=UNK, normalizer=normalizer)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:

@@ -64,22 +64,31 @@ def zero_shot(model: CLIPModel, tokenizer: PreTrainedTokenizerBase, task: str, n
     return float((pred == data.test_labels).mean())
 
 
-def linear_probe(model: CLIPModel, task: str, norm: Normalisation, probe_shots: int = 64,
-                 n_test: int = 50, weight_decay: float = 1e-3) -> float:
-    data = load_task(task, shots=probe_shots, n_val=0, n_test=n_test)
-    xtr, xte = image_features(model, data.train_images, norm), image_features(model, data.test_images, norm)
-    ytr = torch.from_numpy(data.train_labels)
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(xtr.shape[1], len(data.class_names))
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
+def fit_linear_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, weight_decay: float, max_iter: int,
+                     seed: int = 0) -> torch.nn.Linear:
+    """Logistic regression on frozen, L2-normalised features ``x [N, E]`` (scaled by 10), labels ``y [N]``:
+    L-BFGS with strong-Wolfe line search and an L2 penalty ``weight_decay * ||W||^2``. The one probe of
+    the project (world evaluation and the bench's white-box baseline)."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xtr * 10), ytr) + weight_decay * lin.weight.square().sum()
+        loss = torch.nn.functional.cross_entropy(lin(x * 10), y) + weight_decay * lin.weight.square().sum()
         loss.backward()
         return loss
 
     opt.step(closure)
+    return lin
+
+
+def linear_probe(model: CLIPModel, task: str, norm: Normalisation, probe_shots: int = 64,
+                 n_test: int = 50, weight_decay: float = 1e-3) -> float:
+    data = load_task(task, shots=probe_shots, n_val=0, n_test=n_test)
+    xtr, xte = image_features(model, data.train_images, norm), image_features(model, data.test_images, norm)
+    lin = fit_linear_probe(xtr, torch.from_numpy(data.train_labels), len(data.class_names), weight_decay=weight_decay,
+                           max_iter=500)
     with torch.no_grad():
         pred = lin(xte * 10).argmax(-1).numpy()
     return float((pred == data.test_labels).mean())

@@ -175,10 +175,14 @@ def test_cli_unreachable_server(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert "not ready" in caplog.text
 
 
-def test_client_never_imports_the_server() -> None:
+def test_client_never_imports_the_server_or_the_world() -> None:
+    modules = ["api", "artifacts", "checkpoint", "config", "data", "evaluate", "loop", "objective", "projection", "run",
+               "selection", "strategies"]  # fmt: skip
     code = (
-        "import sys, bptvlm.client.run, bptvlm.client.evaluate, bptvlm.client.api, bptvlm.client.data;"
-        "bad = sorted(m for m in sys.modules if m.startswith('bptvlm.server'));"
+        f"import sys; import {', '.join('bptvlm.client.' + m for m in modules)};"
+        "bad = sorted(m for m in sys.modules if m.startswith(('bptvlm.server', 'bptvlm.world', 'bptvlm.bench', 'torch')));"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    listed = {p.stem for p in (Path(__file__).parents[2] / "client").glob("*.py")} - {"__init__"}
+    assert listed == set(modules), listed ^ set(modules)  # a new client module joins the check
