@@ -16,13 +16,17 @@ log = logging.getLogger("bptvlm.access")
 
 
 class Metrics:
-    """One registry per app, so several apps in one process (tests) do not collide."""
+    """Registries per app, so several apps in one process (tests) do not collide. ``tenants`` holds the
+    series labelled by key (who uses the service, and how much): shown only to the metrics token."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.tenants = CollectorRegistry()
         r = self.registry
         self.requests = Counter("bptvlm_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.candidates = Counter("bptvlm_candidates_charged", "candidates charged, by key", ["key"], registry=r)
+        self.candidates_total = Counter("bptvlm_candidates_charged_all", "candidates charged, all keys", registry=r)
+        self.candidates = Counter("bptvlm_candidates_charged", "candidates charged, by key", ["key"],
+                                  registry=self.tenants)
         self.queue_wait = Histogram("bptvlm_queue_wait_seconds", "time waiting for the model", registry=r,
                                     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
         self.inference = Histogram("bptvlm_inference_seconds", "forward time per request", registry=r,
@@ -31,8 +35,13 @@ class Metrics:
         self.cache_hits = Gauge("bptvlm_cache_hits", "cache hits", ["cache"], registry=r)
         self.cache_misses = Gauge("bptvlm_cache_misses", "cache misses", ["cache"], registry=r)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def charged(self, key: str, candidates: int) -> None:
+        self.candidates.labels(key).inc(candidates)
+        self.candidates_total.inc(candidates)
+
+    def render(self, tenants: bool = False) -> bytes:
+        """Prometheus text; with ``tenants``, the per-key series too."""
+        return generate_latest(self.registry) + (generate_latest(self.tenants) if tenants else b"")
 
 
 class JsonFormatter(logging.Formatter):
