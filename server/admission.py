@@ -39,15 +39,21 @@ class Admission:
         self._state = threading.Lock()
         self.waiting = 0  # threads waiting in slot()
         self.admitted = 0  # requests between admit() and their answer
+        self._running_admitted = 0  # 1 while an admitted request holds the device (not a probe)
+        self._local = threading.local()  # .admitted: this worker thread runs an admitted request
         self._threads: anyio.CapacityLimiter | None = None
+
+    @property
+    def queued(self) -> int:
+        """Admitted requests not on the device."""
+        return self.admitted - self._running_admitted
 
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Count a request in for the ``with`` body, or refuse it at once (503) when the queue is full."""
         with self._state:
-            if self.admitted > self.max_queue:
-                raise OverloadedError(
-                    f"server overloaded: {self.admitted - 1} requests are queued; retry later", 1.0)
+            if self.queued >= self.max_queue:
+                raise OverloadedError(f"server overloaded: {self.queued} requests are queued; retry later", 1.0)
             self.admitted += 1
         try:
             yield
@@ -59,7 +65,15 @@ class Admission:
         """``fn(*args)`` in a worker thread reserved for admitted requests (not anyio's shared pool)."""
         if self._threads is None:
             self._threads = anyio.CapacityLimiter(self.max_queue + 2)
-        return await anyio.to_thread.run_sync(fn, *args, limiter=self._threads)
+
+        def admitted() -> T:
+            self._local.admitted = True
+            try:
+                return fn(*args)
+            finally:
+                self._local.admitted = False
+
+        return await anyio.to_thread.run_sync(admitted, limiter=self._threads)
 
     @contextmanager
     def slot(self) -> Iterator[float]:
@@ -77,9 +91,14 @@ class Admission:
         waited = time.monotonic() - start
         if not acquired:
             raise GatewayTimeoutError(f"the request waited {waited:.1f} s for the model (limit {self.timeout:g} s)")
+        mine = getattr(self._local, "admitted", False)
+        with self._state:
+            self._running_admitted += mine
         try:
             yield waited
         finally:
+            with self._state:
+                self._running_admitted -= mine
             self._device.release()
 
 

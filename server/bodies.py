@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import Request
 
 from bptvlm.shared import protocol as p
-from bptvlm.shared.errors import PayloadTooLargeError, RequestTimeoutError, UnsupportedMediaTypeError
+from bptvlm.shared.errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, UnsupportedMediaTypeError
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_request
 
 from .config import Settings
@@ -60,7 +60,7 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     try:
         out = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise UnsupportedMediaTypeError(f"the {encoding} body cannot be inflated: {exc}") from None
+        raise ProtocolError(f"the {encoding} body cannot be inflated: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLargeError(f"the {encoding} body inflates to over the limit of {limit} bytes")
     return out
