@@ -76,4 +76,4 @@ def decode_body(
             f"the JSON part of the body has {json_bytes} bytes, over the limit of {settings.max_json_bytes}; "
             "send large tensors as binary tensor data"
         )
-    return decode_request(body, header_length)
+    return decode_request(body, header_length, max_bytes_elements=max(settings.max_classes, 1))

@@ -18,7 +18,7 @@ import numpy as np
 import pydantic_core
 from pydantic import BaseModel
 
-from .errors import InvalidTensorError, ProtocolError
+from .errors import InvalidTensorError, PayloadTooLargeError, ProtocolError
 from .protocol import InferenceRequest, InferenceResponse, RequestedOutput, TensorData
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -116,13 +116,16 @@ def to_wire(name: str, array: np.ndarray, *, binary: bool) -> tuple[TensorData, 
     return TensorData(name=name, shape=shape, datatype=datatype, data=array.reshape(-1).tolist()), b""
 
 
-def from_wire(tensor: TensorData, raw: bytes | None) -> np.ndarray:
+def from_wire(tensor: TensorData, raw: bytes | None, max_bytes_elements: int | None = None) -> np.ndarray:
     """Decode one tensor from its JSON ``data`` or its ``raw`` binary bytes, validating sizes.
 
-    BYTES tensors decode to an object array of ``bytes``.
+    BYTES tensors decode to an object array of ``bytes``; more than ``max_bytes_elements`` of them are
+    refused before any is unpacked (each is a Python object: millions cost seconds and gigabytes).
     """
     name, datatype = tensor.name, tensor.datatype
     count = _num_elements(name, tensor.shape)
+    if datatype == BYTES and max_bytes_elements is not None and count > max_bytes_elements:
+        raise PayloadTooLargeError(f"tensor '{name}': {count} BYTES elements, at most {max_bytes_elements}")
     if datatype != BYTES and datatype not in DATATYPES:
         raise InvalidTensorError(f"tensor '{name}': datatype {datatype!r} is not one of {sorted(DATATYPES)} or BYTES")
     if raw is not None:
@@ -255,7 +258,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return parsed, tail
 
 
-def decode_tensors(tensors: Sequence[TensorData], tail: bytes) -> dict[str, np.ndarray]:
+def decode_tensors(
+    tensors: Sequence[TensorData], tail: bytes, max_bytes_elements: int | None = None
+) -> dict[str, np.ndarray]:
     """Decode every tensor, taking binary ones from ``tail`` in order; every byte must be used."""
     arrays: dict[str, np.ndarray] = {}
     pos = 0
@@ -273,13 +278,15 @@ def decode_tensors(tensors: Sequence[TensorData], tail: bytes) -> dict[str, np.n
                 )
             raw = tail[pos : pos + size]
             pos += size
-        arrays[tensor.name] = from_wire(tensor, raw)
+        arrays[tensor.name] = from_wire(tensor, raw, max_bytes_elements)
     if pos != len(tail):
         raise ProtocolError(f"{len(tail) - pos} bytes of binary data are not claimed by any tensor")
     return arrays
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+def decode_request(
+    body: bytes, header_length: str | None, max_bytes_elements: int | None = None
+) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     from pydantic import ValidationError
 
     parsed, tail = split_body(body, header_length)
@@ -287,7 +294,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceReq
         request = InferenceRequest.model_validate(parsed)
     except ValidationError as exc:
         raise ProtocolError(f"invalid inference request: {first_errors(exc)}") from None
-    return request, decode_tensors(request.inputs, tail)
+    return request, decode_tensors(request.inputs, tail, max_bytes_elements)
 
 
 def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceResponse, dict[str, np.ndarray]]:

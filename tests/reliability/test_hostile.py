@@ -223,6 +223,16 @@ def test_malformed_bodies_are_json_4xx(client: TestClient, case: str) -> None:
     assert r.headers["content-type"].startswith("application/json") and "error" in r.json()
 
 
+def test_a_body_of_millions_of_bytes_elements_is_refused_before_unpacking(client: TestClient) -> None:
+    head = json.dumps({"inputs": [{"name": "class_names", "shape": [500_000], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 2_000_000}}]}).encode()
+    start = time.monotonic()
+    r = client.post("/v2/models/clip/infer", content=head + b"\x00" * 2_000_000,
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 413 and "500000 BYTES elements, at most 1000" in r.json()["error"]
+    assert time.monotonic() - start < 1.0
+
+
 # --- 9. the smaller items ------------------------------------------------------------------------
 
 
