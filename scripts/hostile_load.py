@@ -112,18 +112,10 @@ def queued_health(url: str, queued: int) -> dict[str, object]:
     send = _post(url, "infer", inputs, outputs=["loss"])
     alone = min(_timed(send) for _ in range(3))
     codes: list[int] = []
-    worst, polls, done = 0.0, 0, threading.Event()
-
-    def poll() -> None:
-        nonlocal worst, polls
-        with httpx.Client(timeout=60) as c:
-            while not done.is_set():
-                start = time.perf_counter()
-                c.get(f"{url}/v2/health/live")
-                worst, polls = max(worst, time.perf_counter() - start), polls + 1
-                time.sleep(0.02)
-
-    poller = threading.Thread(target=poll)
+    idle = _health_latencies(url, threading.Event(), seconds=3.0)  # the machine's own noise, no load
+    busy: list[float] = []
+    done = threading.Event()
+    poller = threading.Thread(target=lambda: busy.extend(_health_latencies(url, done)))
     poller.start()
     threads = [threading.Thread(target=lambda: codes.append(send().status_code)) for _ in range(queued)]
     start = time.perf_counter()
@@ -134,9 +126,25 @@ def queued_health(url: str, queued: int) -> dict[str, object]:
     elapsed = time.perf_counter() - start
     done.set()
     poller.join()
+    pct = lambda xs, q: round(float(np.percentile(xs, q)), 3)  # noqa: E731
     return {"request_alone_s": round(alone, 3), "queued": queued, "wall_s": round(elapsed, 1),
             "status_counts": {str(k): codes.count(k) for k in sorted(set(codes))},
-            "health_worst_s": round(worst, 3), "health_polls": polls}
+            "health_polls": len(busy), "health_p50_s": pct(busy, 50), "health_p99_s": pct(busy, 99),
+            "health_worst_s": round(max(busy), 3), "idle_health_p99_s": pct(idle, 99),
+            "idle_health_worst_s": round(max(idle), 3)}
+
+
+def _health_latencies(url: str, done: threading.Event, seconds: float = 1e9) -> list[float]:
+    """``/v2/health/live`` latencies, one poll every 20 ms, until ``done`` or ``seconds``."""
+    out: list[float] = []
+    end = time.monotonic() + seconds
+    with httpx.Client(timeout=60) as c:
+        while not done.is_set() and time.monotonic() < end:
+            start = time.perf_counter()
+            c.get(f"{url}/v2/health/live")
+            out.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    return out
 
 
 def _timed(send: Callable[[], httpx.Response]) -> float:

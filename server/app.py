@@ -20,7 +20,7 @@ from .config import Settings
 from .health import ProbeLoop
 from .admission import RateLimiter
 from .ledger import Ledger, hash_token
-from .observability import Metrics, request_context
+from .observability import Metrics, RequestContext
 from .loading import load_model
 from .model import PromptedCLIP
 from .routes import ANONYMOUS, router
@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None, service: InferenceService | Non
     app.state.service = service
     app.state.limiter = RateLimiter()
     app.state.metrics = Metrics()
-    app.middleware("http")(request_context)
+    app.add_middleware(RequestContext)
     app.include_router(router)
 
     @app.exception_handler(BptvlmError)

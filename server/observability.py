@@ -6,10 +6,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-
-from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID = "X-Request-ID"
 log = logging.getLogger("bptvlm.access")
@@ -67,18 +66,37 @@ def configure_json_logging(level: str = "INFO") -> None:
         logging.getLogger(name).propagate = name != "uvicorn.access"  # our access line replaces uvicorn's
 
 
-async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Give every request an id (the client's X-Request-ID, or a new one), count and log it."""
-    request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-    request.state.request_id = request_id
-    start = time.perf_counter()
-    response = await call_next(request)
-    elapsed = time.perf_counter() - start
-    route = request.scope.get("route")
-    path = getattr(route, "path", "unmatched")
-    request.app.state.metrics.requests.labels(path, str(response.status_code)).inc()
-    response.headers[REQUEST_ID] = request_id
-    log.info("%s %s %d", request.method, request.url.path, response.status_code,
-             extra={"request_id": request_id, "method": request.method, "path": request.url.path,
-                    "status": response.status_code, "duration_ms": round(elapsed * 1000, 2)})
-    return response
+class RequestContext:
+    """ASGI middleware: give every request an id (the client's X-Request-ID, or a new one), count and log it.
+
+    Plain ASGI rather than ``@app.middleware("http")``: that form pipes every body chunk through extra
+    tasks and streams on the event loop, which under a burst of large bodies delays the health routes.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get(REQUEST_ID) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append(REQUEST_ID, request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            path = getattr(scope.get("route"), "path", "unmatched")
+            scope["app"].state.metrics.requests.labels(path, str(status)).inc()
+            log.info("%s %s %d", scope["method"], scope["path"], status,
+                     extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                            "status": status, "duration_ms": round(elapsed * 1000, 2)})

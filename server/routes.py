@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from bptvlm.shared import protocol as p
-from bptvlm.shared.errors import AuthError, NotFoundError, NotReadyError
+from bptvlm.shared.errors import AuthError, NotFoundError, NotReadyError, PayloadTooLargeError
 from bptvlm.shared.tensors import HEADER_LENGTH, encode_response
 
 from .bodies import content_encoding, decode_body, inflate, read_body
@@ -51,7 +51,9 @@ _V2_BODY: dict[str, Any] = {
 }
 
 
-def get_service(request: Request) -> InferenceService:
+# Dependencies that only read app state are `async def`: a sync one costs a trip through anyio's shared
+# thread pool for every request. Only the key lookup (a ledger query) takes a thread.
+async def get_service(request: Request) -> InferenceService:
     service = request.app.state.service
     if service is None:
         raise NotReadyError("the model is still loading")
@@ -72,7 +74,7 @@ def get_api_key(request: Request, service: Annotated[InferenceService, Depends(g
     return key
 
 
-def rate_limit(request: Request, response: Response, key: Annotated[KeyRecord, Depends(get_api_key)]) -> KeyRecord:
+async def rate_limit(request: Request, key: Annotated[KeyRecord, Depends(get_api_key)]) -> KeyRecord:
     """Spend one of the key's requests per minute (if it has a limit); headers tell what is left."""
     per_minute = key.requests_per_minute or request.app.state.settings.requests_per_minute
     if per_minute:
@@ -81,8 +83,8 @@ def rate_limit(request: Request, response: Response, key: Annotated[KeyRecord, D
     return key
 
 
-def get_model_service(model_name: str, service: Annotated[InferenceService, Depends(get_service)],
-                      request: Request) -> InferenceService:
+async def get_model_service(model_name: str, service: Annotated[InferenceService, Depends(get_service)],
+                            request: Request) -> InferenceService:
     served = request.app.state.settings.model_name
     if model_name != served:
         raise NotFoundError(f"model {model_name!r} is not served here; this server serves {served!r}")
@@ -170,7 +172,9 @@ _TOKENIZE_BODY = {"requestBody": {"required": True,
                                   "content": {"application/json": {"schema": p.TokenizeRequest.model_json_schema()}}}}
 
 
-def _count_tokens(service: InferenceService, body: bytes) -> p.TokenizeResponse:
+def _count_tokens(service: InferenceService, body: bytes, max_json_bytes: int) -> p.TokenizeResponse:
+    if len(body) > max_json_bytes:
+        raise PayloadTooLargeError(f"the JSON body has {len(body)} bytes, over the limit of {max_json_bytes}")
     try:
         texts = p.TokenizeRequest.model_validate_json(body).texts
     except ValidationError as exc:  # the app's handler words it like any other invalid JSON body (422)
@@ -185,7 +189,8 @@ async def tokenize(request: Request, service: Service, key: LimitedKey) -> p.Tok
     settings = request.app.state.settings
     encoding = content_encoding(request)
     body = await read_body(request, settings)
-    return await run_in_threadpool(lambda: _count_tokens(service, inflate(body, encoding, settings.max_body_bytes)))
+    return await run_in_threadpool(
+        lambda: _count_tokens(service, inflate(body, encoding, settings.max_body_bytes), settings.max_json_bytes))
 
 
 def _upload(service: InferenceService, request: Request, body: bytes, encoding: str, key: KeyRecord) -> p.ImageUploadResponse:
