@@ -42,7 +42,8 @@ def _status(pid: int, field: str) -> int:
 
 
 def _peak_over_idle(pid: int, send: Callable[[], httpx.Response]) -> tuple[int, float, int]:
-    """(status, seconds, peak RSS over the idle RSS in bytes) of one request."""
+    """(status, seconds, peak RSS over the RSS before it, in bytes) of one request."""
+    time.sleep(1.0)  # let the previous request's memory go back first
     idle = _status(pid, "VmRSS")
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
@@ -163,6 +164,7 @@ def slow_clients(url: str, pid: int, count: int, seconds: float = 6.0) -> dict[s
         s.setblocking(False)
         socks.append(s)
     peak, deadline = 0, time.monotonic() + seconds
+    time.sleep(0.5)  # the server has accepted (and refused past the cap) every connection
     while time.monotonic() < deadline:
         for s in socks:
             try:
