@@ -9,6 +9,7 @@ rejection is an ``InvalidTensorError`` (422), a ``PayloadTooLargeError`` (413) o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -135,7 +136,7 @@ class Planner:
         return array
 
     def plan(self, request: p.InferenceRequest, arrays: dict[str, np.ndarray],
-             batch_of: Any = None) -> RequestPlan:
+             batch_of: Callable[[str], ImageBatch]) -> RequestPlan:
         """Validate ``arrays``; ``batch_of(id)`` resolves an uploaded ``image_batch`` to its ``ImageBatch``."""
         unknown = sorted(set(arrays) - set(p.INPUT_NAMES))
         if unknown:
@@ -201,7 +202,8 @@ class Planner:
             )
         return tokens
 
-    def _images(self, arrays: dict[str, np.ndarray], batch_of: Any) -> tuple[np.ndarray | None, ImageBatch | None]:
+    def _images(self, arrays: dict[str, np.ndarray],
+                batch_of: Callable[[str], ImageBatch]) -> tuple[np.ndarray | None, ImageBatch | None]:
         inline, ref = checked(arrays, p.IMAGES), checked(arrays, p.IMAGE_BATCH)
         if (inline is None) == (ref is None):
             raise InvalidTensorError(f"give exactly one of '{p.IMAGES}' (inline) or '{p.IMAGE_BATCH}' (uploaded id)")
