@@ -53,6 +53,21 @@ def _closed_within(sock: socket.socket, seconds: float) -> bytes | None:
     return got
 
 
+def _received_within(sock: socket.socket, seconds: float) -> bytes:
+    """Whatever the server sent within ``seconds`` (closed or not)."""
+    got, end = b"", time.monotonic() + seconds
+    while time.monotonic() < end:
+        sock.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, socket.timeout, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
 def test_headers_trickled_past_the_deadline_are_cut_off(server: int) -> None:
     sock = _connect(server)
     start = time.monotonic()
@@ -63,12 +78,12 @@ def test_headers_trickled_past_the_deadline_are_cut_off(server: int) -> None:
     assert time.monotonic() - start < 2.5
 
 
-def test_a_trickled_body_gets_408_and_the_connection_is_reused_or_closed(server: int) -> None:
+def test_a_trickled_body_gets_408(server: int) -> None:
     sock = _connect(server)
     sock.sendall(b"POST /v2/models/clip/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\n"
                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"inputs\": ")
-    reply = _closed_within(sock, 3.0)
-    assert reply is not None and reply.startswith(b"HTTP/1.1 408"), reply
+    reply = _received_within(sock, 2.0)
+    assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"did not arrive within 0.5 s" in reply
 
 
