@@ -102,15 +102,24 @@ class InferenceService:
         batch = self.images.find(images, scope)
         cached = batch is not None
         if batch is None:
-            with self.admission.slot():  # preprocessing is work: it takes its turn with the forwards
-                batch, cached = self.images.put(images, self._preprocess, scope)
+            batch, cached = self.images.put(images, self._preprocess_in_turns, scope)
         return p.ImageUploadResponse(image_batch=batch.id, num_images=batch.num_images, cached=cached)
 
-    def _preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` -> ``[N, 3, S, S]`` on the model's device, a bounded number of pixels at a time."""
+    def _preprocess(self, images: np.ndarray, turns: bool = False) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` -> ``[N, 3, S, S]`` on the model's device, a bounded number of pixels at a
+        time; with ``turns`` each chunk takes its own turn on the device (a big upload does not hold it)."""
         per = max(1, PREPROCESS_PIXELS // (images.shape[1] * images.shape[2]))
-        parts = [self.model.preprocess(images[i : i + per]) for i in range(0, images.shape[0], per)]
+        parts = []
+        for i in range(0, images.shape[0], per):
+            if turns:
+                with self.admission.slot():  # preprocessing is work: it takes its turn with the forwards
+                    parts.append(self.model.preprocess(images[i : i + per]))
+            else:
+                parts.append(self.model.preprocess(images[i : i + per]))
         return torch.cat(parts).to(self.model.device)
+
+    def _preprocess_in_turns(self, images: np.ndarray) -> torch.Tensor:
+        return self._preprocess(images, turns=True)
 
     # --- inference -------------------------------------------------------------------------------
 

@@ -85,6 +85,24 @@ def test_uploads_are_preprocessed_inside_admission() -> None:
         assert _post(c, {"images": np.zeros((2, 32, 32, 3), np.uint8)}, "images").status_code == 200
 
 
+def test_a_big_upload_takes_one_turn_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bptvlm.server import service as service_module
+
+    with TestClient(create_app(Settings(device="cpu", api_keys=("tok",))), headers=TOK) as c:
+        admission = c.app.state.service.admission
+        turns = []
+        real = admission.slot
+
+        def counted():  # type: ignore[no-untyped-def]
+            turns.append(1)
+            return real()
+
+        monkeypatch.setattr(service_module, "PREPROCESS_PIXELS", 32 * 32 * 2)  # two images a chunk
+        monkeypatch.setattr(admission, "slot", counted)
+        assert _post(c, {"images": np.ones((5, 32, 32, 3), np.uint8)}, "images").status_code == 200
+        assert len(turns) == 3  # forwards can run between the chunks of a big upload
+
+
 # --- 2. tokenizer and text-feature caches ---------------------------------------------------------
 
 
