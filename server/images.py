@@ -50,7 +50,8 @@ class ImageStore:
     """
 
     def __init__(self, capacity_bytes: int) -> None:
-        self._lru: ByteLRU[tuple[int, str], ImageBatch] = ByteLRU(capacity_bytes, lambda b: b.nbytes)
+        self._lru: ByteLRU[tuple[int, str], ImageBatch] = ByteLRU(
+            capacity_bytes, lambda b: b.nbytes, lambda key: len(key[1]) + 64)
 
     def find(self, images: np.ndarray, scope: int = 0) -> ImageBatch | None:
         """The stored batch of these pixels in ``scope``, if any."""
