@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from bptvlm.shared.errors import GatewayTimeoutError, NotReadyError, RateLimitedError
+
+
+T = TypeVar("T")
 
 
 class OverloadedError(NotReadyError):
@@ -19,6 +26,10 @@ class Admission:
     """At most one forward at a time; at most ``max_queue`` requests waiting, each at most ``timeout`` s.
 
     A full queue answers at once (503 + Retry-After) instead of letting latency grow without bound.
+    Two gates: ``admit()`` on the event loop, before a request reads its body or takes a thread (one
+    on the device plus ``max_queue`` admitted), and ``slot()`` in the worker thread around the device
+    work itself (preprocessing included). ``run()`` gives admitted requests threads of their own, so
+    health routes and the auth dependencies never wait behind requests queued for the model.
     """
 
     def __init__(self, max_queue: int, timeout: float) -> None:
@@ -26,7 +37,43 @@ class Admission:
         self.timeout = timeout
         self._device = threading.Lock()
         self._state = threading.Lock()
-        self.waiting = 0
+        self.waiting = 0  # threads waiting in slot()
+        self.admitted = 0  # requests between admit() and their answer
+        self._running_admitted = 0  # 1 while an admitted request holds the device (not a probe)
+        self._local = threading.local()  # .admitted: this worker thread runs an admitted request
+        self._threads: anyio.CapacityLimiter | None = None
+
+    @property
+    def queued(self) -> int:
+        """Admitted requests not on the device."""
+        return self.admitted - self._running_admitted
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count a request in for the ``with`` body, or refuse it at once (503) when the queue is full."""
+        with self._state:
+            if self.queued >= self.max_queue:
+                raise OverloadedError(f"server overloaded: {self.queued} requests are queued; retry later", 1.0)
+            self.admitted += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self.admitted -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread reserved for admitted requests (not anyio's shared pool)."""
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(self.max_queue + 2)
+
+        def admitted() -> T:
+            self._local.admitted = True
+            try:
+                return fn(*args)
+            finally:
+                self._local.admitted = False
+
+        return await anyio.to_thread.run_sync(admitted, limiter=self._threads)
 
     @contextmanager
     def slot(self) -> Iterator[float]:
@@ -44,9 +91,14 @@ class Admission:
         waited = time.monotonic() - start
         if not acquired:
             raise GatewayTimeoutError(f"the request waited {waited:.1f} s for the model (limit {self.timeout:g} s)")
+        mine = getattr(self._local, "admitted", False)
+        with self._state:
+            self._running_admitted += mine
         try:
             yield waited
         finally:
+            with self._state:
+                self._running_admitted -= mine
             self._device.release()
 
 

@@ -16,6 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .config import Settings
+    from .connections import uvicorn_options
     from .observability import configure_json_logging
 
     overrides = {
@@ -34,6 +35,14 @@ def _serve(args: argparse.Namespace) -> int:
         "compile": True if args.compile else None,
         "max_queue": args.max_queue,
         "request_timeout_s": args.request_timeout,
+        "max_response_bytes": args.max_response_bytes,
+        "max_body_bytes": args.max_body_bytes,
+        "max_image_side": args.max_image_side,
+        "max_image_aspect": args.max_image_aspect,
+        "metrics_token": args.metrics_token,
+        "header_timeout_s": args.header_timeout,
+        "body_timeout_s": args.body_timeout,
+        "max_connections": args.max_connections,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
@@ -44,6 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
         configure_json_logging(args.log_level)
     logging.getLogger().setLevel(args.log_level)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                **uvicorn_options(settings),
                 timeout_graceful_shutdown=args.drain_seconds, log_config=None if args.json_logs else uvicorn.config.LOGGING_CONFIG)
     return 0
 
@@ -79,6 +89,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the vision and text encoders (for GPUs; off by default; start-up takes longer)")
     p.add_argument("--max-queue", type=int, help="requests allowed to wait for the model before 503 (default 64)")
     p.add_argument("--request-timeout", type=float, help="seconds a request may wait for the model before 504")
+    p.add_argument("--max-response-bytes", type=int, help="largest response; logits are P x N x C floats, a request "
+                   "whose response would be larger is refused with 413 before any work (default 64 MiB)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body, after inflating gzip/deflate (default 256 MiB)")
+    p.add_argument("--max-image-side", type=int, help="pixels on each side of an image (default 4096)")
+    p.add_argument("--max-image-aspect", type=float, help="longest over shortest image side (default 16)")
+    p.add_argument("--metrics-token", help="bearer token /metrics needs to show per-key series (default: never shown)")
+    p.add_argument("--header-timeout", type=float, help="seconds a connection has to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, help="seconds the whole request body has to arrive, else 408 (default 60)")
+    p.add_argument("--max-connections", type=int, help="open connections; more are closed at once (default 256)")
     p.add_argument("--ready-probe-seconds", type=float, help="when no forward pass succeeded for this long, run "
                    "a tiny one (charged to nobody) so readiness stays current (default 30; 0: never)")
     p.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, finish in-flight requests this long")

@@ -51,9 +51,28 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=0, description="requests waiting for the model before 503 + Retry-After")
     request_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for the model before 504")
     reply_ttl_s: float = Field(default=600.0, ge=0, description="how long a reply is kept for retried request ids")
-    reply_cache_bytes: int = Field(default=256 * 2**20, gt=0)
+    reply_cache_bytes: int = Field(default=256 * 2**20, gt=0, description="byte cap of the reply cache")
+    metrics_token: str | None = Field(
+        default=None, min_length=16,
+        description="bearer token that /metrics needs to show per-key series (without it, only totals)",
+    )
 
-    max_body_bytes: int = Field(default=256 * 2**20, gt=0)
+    max_body_bytes: int = Field(default=256 * 2**20, gt=0, description="request body, after inflating gzip/deflate")
+    max_json_bytes: int = Field(
+        default=32 * 2**20, gt=0, description="a JSON body, or the JSON header of a binary one (send big tensors binary)"
+    )
+    max_response_bytes: int = Field(
+        default=64 * 2**20, gt=0, description="largest response (logits are P x N x C floats); over it: 413 before any work"
+    )
+    max_image_side: int = Field(default=4096, gt=0, description="pixels on each side of an uploaded or inline image")
+    max_image_aspect: float = Field(
+        default=16.0, ge=1, description="longest over shortest side (preprocessing scales the short side to the model's)"
+    )
+    max_text_bytes: int = Field(default=1000, gt=0, description="UTF-8 bytes of one class name or context_init")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection must send a request's headers within this")
+    body_timeout_s: float = Field(default=60.0, gt=0, description="the whole request body must arrive within this (408)")
+    keep_alive_s: int = Field(default=5, gt=0, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(default=256, gt=0, description="open connections; more are closed at once")
     max_population: int = Field(default=1024, gt=0)
     max_images: int = Field(default=4096, gt=0)
     max_classes: int = Field(default=1000, gt=0)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bptvlm.shared.errors import NotFoundError
+from bptvlm.shared.errors import NotFoundError, PayloadTooLargeError
 
 from .cache import ByteLRU
 
@@ -44,31 +44,55 @@ class ImageBatch:
 
 
 class ImageStore:
-    """Preprocessed batches by content hash; uploads are idempotent."""
+    """Preprocessed batches by (scope, content hash); uploads are idempotent within a scope.
+
+    A scope is one API key: a key sees, and can refer to, only the batches it uploaded itself.
+    """
 
     def __init__(self, capacity_bytes: int) -> None:
-        self._lru: ByteLRU[str, ImageBatch] = ByteLRU(capacity_bytes, lambda b: b.nbytes)
+        self._lru: ByteLRU[tuple[int, str], ImageBatch] = ByteLRU(
+            capacity_bytes, lambda b: b.nbytes, lambda key: len(key[1]) + 64)
 
-    def put(self, images: np.ndarray, preprocess: Callable[[np.ndarray], torch.Tensor]) -> tuple[ImageBatch, bool]:
-        """Store ``images`` (uint8 ``[N, H, W, 3]``); return the batch and whether it was already there."""
-        key = batch_id(images)
+    def find(self, images: np.ndarray, scope: int = 0) -> ImageBatch | None:
+        """The stored batch of these pixels in ``scope``, if any."""
+        return self._lru.get((scope, batch_id(images)))
+
+    def put(self, images: np.ndarray, preprocess: Callable[[np.ndarray], torch.Tensor], scope: int = 0,
+            *, must_store: bool = True) -> tuple[ImageBatch, bool]:
+        """Store ``images`` (uint8 ``[N, H, W, 3]``); return the batch and whether it was already there.
+        A batch over the whole cache is refused (413) when ``must_store``, else returned unstored."""
+        key = (scope, batch_id(images))
         found = self._lru.get(key)
         if found is not None:
             return found, True
-        batch = ImageBatch(key, preprocess(images))
+        batch = ImageBatch(key[1], preprocess(images))
         stored = self._lru.put_if_absent(key, batch)  # concurrent uploads of one batch share one entry
+        if stored is None:
+            if must_store:
+                raise PayloadTooLargeError(
+                    f"the batch's {batch.num_images} preprocessed images take {batch.nbytes} bytes, more than the "
+                    f"image cache's {self._lru.capacity_bytes}; upload fewer images at a time"
+                )
+            return batch, False
         return stored, stored is not batch
 
-    def get(self, key: str) -> ImageBatch:
-        batch = self._lru.get(key)
+    def get(self, key: str, scope: int = 0) -> ImageBatch:
+        batch = self._lru.get((scope, key))
         if batch is None:
-            raise NotFoundError(f"image_batch {key!r} is not stored here (never uploaded, or evicted); upload it again")
+            raise NotFoundError(f"image_batch {key!r} is not stored here (never uploaded by this key, or evicted); "
+                                "upload it again")
         return batch
 
-    def remember_features(self, batch: ImageBatch, features: torch.Tensor) -> None:
+    def holds(self, key: str, scope: int = 0) -> bool:
+        """Whether batch ``key`` of ``scope`` is stored (no hit counted)."""
+        return (scope, key) in self._lru
+
+    def remember_features(self, batch: ImageBatch, features: torch.Tensor, scope: int = 0) -> None:
+        if batch.nbytes + _nbytes(features) > self._lru.capacity_bytes:
+            return  # with its features the batch alone would be over the cap, and evicted
         batch.features = features
-        self._lru.trim()
+        self._lru.trim((scope, batch.id))
 
     @property
-    def lru(self) -> ByteLRU[str, ImageBatch]:
+    def lru(self) -> ByteLRU[tuple[int, str], ImageBatch]:
         return self._lru

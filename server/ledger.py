@@ -305,7 +305,8 @@ class Ledger:
                 if spent + candidates > key.quota:
                     raise BudgetExhaustedError(
                         f"query budget exhausted: this request needs {candidates} candidates, "
-                        f"{max(0, key.quota - spent)} of the key's {key.quota} remain"
+                        f"{max(0, key.quota - spent)} of the key's {key.quota} remain",
+                        remaining=max(0, key.quota - spent),
                     )
             row = self._db.execute(
                 f"INSERT INTO in_flight (key_id, candidates, owner, at) VALUES (?, ?, ?, {self._db.now}) RETURNING id",
@@ -335,11 +336,14 @@ class Ledger:
                 (key_id, reservation.candidates, image_forwards),
             )
 
-    def answered(self, key: KeyRecord, request_id: str) -> tuple[str, int] | None:
-        """(fingerprint, candidates) of a request this key was already charged for, or None."""
+    def answered(self, key: KeyRecord, request_id: str, within_s: float | None = None) -> tuple[str, int] | None:
+        """(fingerprint, candidates) of a request this key was already charged for, or None; with
+        ``within_s``, only if it was answered at most that many seconds ago."""
+        window = "" if within_s is None else f" AND at >= {self._db.now} - ?"
         with self._lock:
             row = self._db.execute(
-                "SELECT fingerprint, candidates FROM answered WHERE key_id = ? AND request_id = ?", (key.id, request_id)
+                f"SELECT fingerprint, candidates FROM answered WHERE key_id = ? AND request_id = ?{window}",
+                (key.id, request_id) if within_s is None else (key.id, request_id, within_s),
             ).fetchone()
         return None if row is None else (row[0], row[1])
 

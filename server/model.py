@@ -14,7 +14,6 @@ keeps the scale the client gave it instead of being normalised to full strength)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,9 +24,11 @@ from transformers.masking_utils import create_causal_mask
 
 from bptvlm.shared.protocol import Placement, PromptLimits
 
+from .cache import ByteLRU, text_bytes
 from .loading import LoadedModel
 
 MAX_VISUAL_PROMPT = 64
+TOKEN_CACHE_BYTES = 16 * 2**20  # memoised token ids, keys included
 
 
 def default_batch_images(device: torch.device | str, vision_width: int = 128) -> int:
@@ -77,7 +78,8 @@ class PromptedCLIP:
         self.image_processor = loaded.image_processor
         self.model_id = loaded.model_id
         self.max_batch_images = max_batch_images or default_batch_images(self.device, self.model.config.vision_config.hidden_size)
-        self._tokenize = functools.lru_cache(maxsize=256)(self._tokenize_uncached)
+        self._token_ids: ByteLRU[tuple[str, ...], TextBatch] = ByteLRU(
+            TOKEN_CACHE_BYTES, lambda b: sum(8 * len(ids) + 64 for ids in b.token_ids), text_bytes)
         self._text = self.model.text_model
         self._vision = self.model.vision_model
         self.limits = self._compute_limits()
@@ -116,8 +118,13 @@ class PromptedCLIP:
         return out["pixel_values"].float()
 
     def tokenize(self, texts: list[str]) -> TextBatch:
-        """Token ids of each class text, without special tokens (memoised: a tuning run repeats them)."""
-        return self._tokenize(tuple(texts))
+        """Token ids of each class text, without special tokens (memoised by bytes: a tuning run repeats them)."""
+        key = tuple(texts)
+        found = self._token_ids.get(key)
+        if found is None:
+            found = self._tokenize_uncached(key)
+            self._token_ids.put(key, found)
+        return found
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens of each text without special tokens; not memoised (callers' texts stay out of the cache)."""

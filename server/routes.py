@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -14,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bptvlm.shared import protocol as p
 from bptvlm.shared.errors import AuthError, NotFoundError, NotReadyError, PayloadTooLargeError
-from bptvlm.shared.tensors import HEADER_LENGTH, decode_request, encode_response
+from bptvlm.shared.tensors import HEADER_LENGTH, encode_response
 
+from .bodies import content_encoding, decode_body, inflate, read_body
 from .ledger import KeyRecord
-from .service import InferenceService
+from .service import InferenceResult, InferenceService
 
 router = APIRouter()
 
@@ -49,7 +51,9 @@ _V2_BODY: dict[str, Any] = {
 }
 
 
-def get_service(request: Request) -> InferenceService:
+# Dependencies that only read app state are `async def`: a sync one costs a trip through anyio's shared
+# thread pool for every request. Only the key lookup (a ledger query) takes a thread.
+async def get_service(request: Request) -> InferenceService:
     service = request.app.state.service
     if service is None:
         raise NotReadyError("the model is still loading")
@@ -59,18 +63,18 @@ def get_service(request: Request) -> InferenceService:
 def get_api_key(request: Request, service: Annotated[InferenceService, Depends(get_service)]) -> KeyRecord:
     """The caller's key from ``Authorization: Bearer <token>``; in open mode everyone is 'anonymous'."""
     if request.app.state.settings.open_mode:
-        return service.ledger.key(ANONYMOUS)
+        return service.key(ANONYMOUS)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-    key = service.ledger.authenticate(token.strip())
+    key = service.authenticate(token.strip())
     if key is None:
         raise AuthError("unknown API key")
     return key
 
 
-def rate_limit(request: Request, response: Response, key: Annotated[KeyRecord, Depends(get_api_key)]) -> KeyRecord:
+async def rate_limit(request: Request, key: Annotated[KeyRecord, Depends(get_api_key)]) -> KeyRecord:
     """Spend one of the key's requests per minute (if it has a limit); headers tell what is left."""
     per_minute = key.requests_per_minute or request.app.state.settings.requests_per_minute
     if per_minute:
@@ -79,8 +83,8 @@ def rate_limit(request: Request, response: Response, key: Annotated[KeyRecord, D
     return key
 
 
-def get_model_service(model_name: str, service: Annotated[InferenceService, Depends(get_service)],
-                      request: Request) -> InferenceService:
+async def get_model_service(model_name: str, service: Annotated[InferenceService, Depends(get_service)],
+                            request: Request) -> InferenceService:
     served = request.app.state.settings.model_name
     if model_name != served:
         raise NotFoundError(f"model {model_name!r} is not served here; this server serves {served!r}")
@@ -92,27 +96,16 @@ ApiKey = Annotated[KeyRecord, Depends(get_api_key)]
 LimitedKey = Annotated[KeyRecord, Depends(rate_limit)]
 
 
-async def _read_body(request: Request) -> bytes:
-    limit = request.app.state.settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"body of {declared} bytes is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"body is over the limit of {limit} bytes")
-    return bytes(body)
-
-
+# Health, metadata and metrics are `async def` without dependencies: they never take a worker thread,
+# so they answer while every thread waits for the model.
 @router.get("/v2/health/live")
-def live() -> dict[str, bool]:
+async def live() -> dict[str, bool]:
     """The process answers."""
     return {"live": True}
 
 
 @router.get("/v2/health/ready")
-def ready(request: Request) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     """Ready while the latest forward pass succeeded (a probe runs one when the server is idle)."""
     service = request.app.state.service
     reason = "the model is still loading" if service is None else service.readiness.reason
@@ -122,27 +115,31 @@ def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/v2", response_model=p.ServerMetadata)
-def server_metadata() -> p.ServerMetadata:
+async def server_metadata() -> p.ServerMetadata:
     """Server name, version and protocol extensions."""
     return p.ServerMetadata(name="bptvlm", version="0.1.0", extensions=["binary_tensor_data", "image_upload"])
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
-    """Prometheus text format: requests by status, candidates by key, latencies, queue, cache hits."""
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: requests by status, candidates, latencies, queue, cache hits. Series by
+    key (tenants' usage) only with ``Authorization: Bearer <metrics token>``."""
     m, service = request.app.state.metrics, request.app.state.service
     if service is not None:
         m.queue_depth.set(service.admission.waiting)
         for name, (hits, misses) in service.cache_stats().items():
             m.cache_hits.labels(name).set(hits)
             m.cache_misses.labels(name).set(misses)
-    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
+    token = request.app.state.settings.metrics_token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    tenants = token is not None and scheme.lower() == "bearer" and secrets.compare_digest(given.strip(), token)
+    return Response(m.render(tenants=tenants), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v2/usage", response_model=p.UsageReport)
 def usage(service: Annotated[InferenceService, Depends(get_service)], key: ApiKey) -> p.UsageReport:
     """What the caller's key has been charged so far, and what remains of its quota."""
-    return p.UsageReport(usage=service.ledger.usage(key), remaining=service.ledger.remaining(key))
+    return service.usage_report(key)
 
 
 @router.get("/v2/models/{model_name}", response_model=p.ModelMetadata)
@@ -175,48 +172,74 @@ _TOKENIZE_BODY = {"requestBody": {"required": True,
                                   "content": {"application/json": {"schema": p.TokenizeRequest.model_json_schema()}}}}
 
 
+def _count_tokens(service: InferenceService, body: bytes, max_json_bytes: int) -> p.TokenizeResponse:
+    if len(body) > max_json_bytes:
+        raise PayloadTooLargeError(f"the JSON body has {len(body)} bytes, over the limit of {max_json_bytes}")
+    try:
+        texts = p.TokenizeRequest.model_validate_json(body).texts
+    except ValidationError as exc:  # the app's handler words it like any other invalid JSON body (422)
+        raise RequestValidationError(exc.errors()) from None
+    return p.TokenizeResponse(num_tokens=service.model.count_tokens(texts))
+
+
 @router.post("/v2/models/{model_name}/tokenize", response_model=p.TokenizeResponse, openapi_extra=_TOKENIZE_BODY)
 async def tokenize(request: Request, service: Service, key: LimitedKey) -> p.TokenizeResponse:
     """Token counts of texts under the served tokenizer (no forward pass, not charged); the body limit
     applies as to every other POST."""
-    try:
-        body = p.TokenizeRequest.model_validate_json(await _read_body(request))
-    except ValidationError as exc:  # the app's handler words it like any other invalid JSON body (422)
-        raise RequestValidationError(exc.errors()) from None
-    return p.TokenizeResponse(num_tokens=service.model.count_tokens(body.texts))
+    settings = request.app.state.settings
+    encoding = content_encoding(request)
+    body = await read_body(request, settings)
+    return await run_in_threadpool(
+        lambda: _count_tokens(service, inflate(body, encoding, settings.max_body_bytes), settings.max_json_bytes))
+
+
+def _upload(service: InferenceService, request: Request, body: bytes, encoding: str, key: KeyRecord) -> p.ImageUploadResponse:
+    settings = request.app.state.settings
+    _, arrays = decode_body(inflate(body, encoding, settings.max_body_bytes), request.headers.get(HEADER_LENGTH), settings)
+    return service.upload(arrays, key)
 
 
 @router.post("/v2/models/{model_name}/images", response_model=p.ImageUploadResponse, openapi_extra=_V2_BODY)
 async def upload_images(request: Request, service: Service, key: LimitedKey) -> p.ImageUploadResponse:
-    """Store an image batch (input 'images', UINT8 [N, H, W, 3]); returns its content-hash id."""
-    body = await _read_body(request)
-    _, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
-    return await run_in_threadpool(service.upload, arrays)
+    """Store an image batch (input 'images', UINT8 [N, H, W, 3]) for this key; returns its content-hash id.
+    Preprocessing is work: it is admitted, queued and refused (503) like inference."""
+    encoding = content_encoding(request)
+    with service.admission.admit():
+        body = await read_body(request, request.app.state.settings)
+        return await service.admission.run(_upload, service, request, body, encoding, key)
+
+
+def _infer(service: InferenceService, request: Request, model_name: str, body: bytes, encoding: str,
+           key: KeyRecord) -> tuple[InferenceResult, bytes, dict[str, str]]:
+    """Decode, infer and encode (in a worker thread): the result, the response body and its headers."""
+    settings = request.app.state.settings
+    body = inflate(body, encoding, settings.max_body_bytes)
+    req, arrays = decode_body(body, request.headers.get(HEADER_LENGTH), settings)
+    result = service.infer(req, arrays, key, hashlib.sha256(body).hexdigest())
+    assert result.total is not None
+    parameters = {"usage": result.usage.model_dump(), "usage_total": result.total.usage.model_dump()}
+    response = p.InferenceResponse(model_name=model_name, model_version="1", id=req.id, parameters=parameters, outputs=[])
+    content, headers = encode_response(response, result.outputs, result.binary)
+    return result, content, headers
 
 
 @router.post("/v2/models/{model_name}/infer", openapi_extra=_V2_BODY)
 async def infer(model_name: str, request: Request, service: Service, key: LimitedKey) -> Response:
     """Loss [P] and/or logits [P, N, C] for a population of prompts; one query per candidate."""
-    body = await _read_body(request)
-    req, arrays = decode_request(body, request.headers.get(HEADER_LENGTH))
-    fingerprint = hashlib.sha256(body).hexdigest()
-    result = await run_in_threadpool(service.infer, req, arrays, key, fingerprint)
+    encoding = content_encoding(request)
+    with service.admission.admit():  # before the body is read or a thread taken: a full queue is a fast 503
+        body = await read_body(request, request.app.state.settings)
+        result, content, content_headers = await service.admission.run(
+            _infer, service, request, model_name, body, encoding, key)
     metrics = request.app.state.metrics
     if not result.replayed:
-        metrics.candidates.labels(key.name).inc(result.usage.candidates)
+        metrics.charged(key.name, result.usage.candidates)
         metrics.queue_wait.observe(result.queue_s)
         metrics.inference.observe(result.forward_s)
-    binary_all = bool((req.parameters or {}).get("binary_data_output", False))
-    binary = {o.name: binary_all or bool((o.parameters or {}).get("binary_data", False)) for o in req.outputs or []}
-    for name in result.outputs:
-        binary.setdefault(name, binary_all)
-    parameters = {"usage": result.usage.model_dump(), "usage_total": service.ledger.usage(key).model_dump()}
     headers = dict(getattr(request.state, "rate_headers", {}))
-    remaining = service.ledger.remaining(key)
-    if remaining is not None:
-        headers["X-Query-Budget-Remaining"] = str(remaining)
+    assert result.total is not None
+    if result.total.remaining is not None:
+        headers["X-Query-Budget-Remaining"] = str(result.total.remaining)
     if result.replayed:
         headers["X-Idempotent-Replay"] = "true"
-    response = p.InferenceResponse(model_name=model_name, model_version="1", id=req.id, parameters=parameters, outputs=[])
-    content, content_headers = encode_response(response, result.outputs, binary)
     return Response(content=content, headers={**content_headers, **headers})

@@ -3,11 +3,14 @@
     BptvlmError
     ├── ProtocolError (ValueError)          400  body or header cannot be parsed
     │   ├── InvalidTensorError              422  a tensor has the wrong shape, dtype, byte count or values
-    │   └── PayloadTooLargeError            413  body, population or image count over a limit
+    │   ├── PayloadTooLargeError            413  body, population, image count or response over a limit
+    │   ├── RequestTimeoutError             408  the body did not arrive within the read deadline
+    │   └── UnsupportedMediaTypeError       415  a Content-Encoding the server does not inflate
     ├── AuthError (PermissionError)         401  missing or unknown API key
     ├── NotFoundError (LookupError)         404  unknown model or image batch
     ├── RateLimitedError                    429  too many requests now (carries ``retry_after``)
-    ├── BudgetExhaustedError                429  the key's query budget is spent (no Retry-After)
+    ├── BudgetExhaustedError                429  the key's query budget is spent (no Retry-After; carries
+    │                                            ``remaining`` for X-Query-Budget-Remaining)
     ├── NotReadyError                       503  model not loaded or server overloaded (carries ``retry_after``)
     └── GatewayTimeoutError                 504  the request waited too long for the model
 
@@ -40,6 +43,14 @@ class PayloadTooLargeError(ProtocolError):
     status_code = 413
 
 
+class RequestTimeoutError(ProtocolError):
+    status_code = 408
+
+
+class UnsupportedMediaTypeError(ProtocolError):
+    status_code = 415
+
+
 class AuthError(BptvlmError, PermissionError):
     status_code = 401
 
@@ -58,6 +69,10 @@ class RateLimitedError(BptvlmError):
 
 class BudgetExhaustedError(BptvlmError):
     status_code = 429
+
+    def __init__(self, message: str, remaining: int | None = None) -> None:
+        super().__init__(message)
+        self.remaining = remaining
 
 
 class NotReadyError(BptvlmError):
@@ -84,6 +99,8 @@ def error_from_status(status: int, message: str, retry_after: float | None = Non
     by_status: dict[int, type[BptvlmError]] = {
         400: ProtocolError,
         401: AuthError,
+        408: RequestTimeoutError,
+        415: UnsupportedMediaTypeError,
         404: NotFoundError,
         413: PayloadTooLargeError,
         422: InvalidTensorError,

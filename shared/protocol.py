@@ -54,13 +54,13 @@ Parameters = dict[str, Any]
 class _Message(BaseModel):
     """What a client sends: unknown fields are refused, so a typo is an error, not a silent no-op."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")  # NaN/Infinity as json.dumps writes them
 
 
 class _Reply(BaseModel):
     """What a server sends: unknown fields are ignored, so a newer server does not break older clients."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")
 
 
 class TensorData(_Message):

@@ -10,14 +10,15 @@ row-major. A BYTES element is a 4-byte little-endian length followed by that man
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pydantic_core
+from pydantic import BaseModel
 
-from .errors import InvalidTensorError, ProtocolError
+from .errors import InvalidTensorError, PayloadTooLargeError, ProtocolError
 from .protocol import InferenceRequest, InferenceResponse, RequestedOutput, TensorData
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -36,6 +37,8 @@ DATATYPES: dict[str, np.dtype] = {
 }
 BYTES = "BYTES"
 MAX_DIMS = 8
+MAX_DIM_SIZE = 2**31 - 1  # one dimension
+MAX_ELEMENTS = 2**40  # the product of the non-zero dimensions (numpy refuses far less than 2**63 bytes)
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -53,6 +56,11 @@ def _num_elements(name: str, shape: Sequence[int]) -> int:
         raise InvalidTensorError(f"tensor '{name}': {len(shape)} dimensions, at most {MAX_DIMS} allowed")
     if any((not isinstance(d, int)) or d < 0 for d in shape):
         raise InvalidTensorError(f"tensor '{name}': shape {list(shape)} must be non-negative integers")
+    if any(d > MAX_DIM_SIZE for d in shape) or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidTensorError(
+            f"tensor '{name}': shape {list(shape)} is too large (at most {MAX_DIM_SIZE} per dimension and "
+            f"{MAX_ELEMENTS} elements, counting a zero dimension as one)"
+        )
     return math.prod(shape)
 
 
@@ -108,19 +116,26 @@ def to_wire(name: str, array: np.ndarray, *, binary: bool) -> tuple[TensorData, 
     return TensorData(name=name, shape=shape, datatype=datatype, data=array.reshape(-1).tolist()), b""
 
 
-def from_wire(tensor: TensorData, raw: bytes | None) -> np.ndarray:
+def from_wire(tensor: TensorData, raw: bytes | None, max_bytes_elements: int | None = None) -> np.ndarray:
     """Decode one tensor from its JSON ``data`` or its ``raw`` binary bytes, validating sizes.
 
-    BYTES tensors decode to an object array of ``bytes``.
+    BYTES tensors decode to an object array of ``bytes``; more than ``max_bytes_elements`` of them are
+    refused before any is unpacked (each is a Python object: millions cost seconds and gigabytes).
     """
     name, datatype = tensor.name, tensor.datatype
     count = _num_elements(name, tensor.shape)
+    if datatype == BYTES and max_bytes_elements is not None and count > max_bytes_elements:
+        raise PayloadTooLargeError(f"tensor '{name}': {count} BYTES elements, at most {max_bytes_elements}")
     if datatype != BYTES and datatype not in DATATYPES:
         raise InvalidTensorError(f"tensor '{name}': datatype {datatype!r} is not one of {sorted(DATATYPES)} or BYTES")
     if raw is not None:
         if tensor.data is not None:
             raise InvalidTensorError(f"tensor '{name}': has both JSON data and binary_data_size")
         if datatype == BYTES:
+            if count * 4 > len(raw):  # every element has a 4-byte length: refuse before allocating
+                raise InvalidTensorError(
+                    f"tensor '{name}': shape {tensor.shape} BYTES needs at least {count * 4} bytes, received {len(raw)}"
+                )
             out = np.empty(count, dtype=object)
             out[:] = _unpack_bytes(name, raw, count)
             return out.reshape(tensor.shape)
@@ -138,7 +153,7 @@ def from_wire(tensor: TensorData, raw: bytes | None) -> np.ndarray:
         raise InvalidTensorError(f"tensor '{name}': shape {tensor.shape} needs {count} elements, received {len(flat)}")
     if datatype == BYTES:
         out = np.empty(count, dtype=object)
-        out[:] = [x.encode("utf-8") if isinstance(x, str) else _bytes_element(name, x) for x in flat]
+        out[:] = [_bytes_element(name, x) for x in flat]
         return out.reshape(tensor.shape)
     try:
         return np.asarray(flat, dtype=DATATYPES[datatype]).reshape(tensor.shape)
@@ -147,6 +162,11 @@ def from_wire(tensor: TensorData, raw: bytes | None) -> np.ndarray:
 
 
 def _bytes_element(name: str, x: Any) -> bytes:
+    if isinstance(x, str):
+        try:
+            return x.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidTensorError(f"tensor '{name}': a BYTES element is not valid UTF-8 (a lone surrogate)") from None
     if isinstance(x, bytes):
         return x
     raise InvalidTensorError(f"tensor '{name}': BYTES elements must be strings, received {type(x).__name__}")
@@ -172,8 +192,8 @@ def _flatten(data: list[Any]) -> list[Any]:
 # --- whole messages ---------------------------------------------------------------------------
 
 
-def _assemble(header: dict[str, Any], chunks: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+def _assemble(header: BaseModel, chunks: list[bytes]) -> tuple[bytes, dict[str, str]]:
+    head = header.model_dump_json(exclude_none=True).encode("utf-8")  # serialised in Rust, off the GIL-heavy path
     if not any(chunks):
         return head, {"Content-Type": JSON_CONTENT_TYPE}
     headers = {"Content-Type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(len(head))}
@@ -201,7 +221,7 @@ def encode_request(
         inputs=tensors,
         outputs=[RequestedOutput(name=n, parameters=out_params) for n in outputs] or None,
     )
-    return _assemble(request.model_dump(exclude_none=True), chunks)
+    return _assemble(request, chunks)
 
 
 def encode_response(
@@ -214,7 +234,7 @@ def encode_response(
         tensors.append(td)
         chunks.append(raw)
     response = response.model_copy(update={"outputs": tensors})
-    return _assemble(response.model_dump(exclude_none=True), chunks)
+    return _assemble(response, chunks)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
@@ -229,16 +249,18 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER_LENGTH} is {n} but the body has {len(body)} bytes")
         head, tail = body[:n], body[n:]
-    try:
-        parsed = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    try:  # pydantic's parser (Rust): 5x faster than json.loads, bounded depth, refuses lone surrogates
+        parsed = pydantic_core.from_json(head)
+    except ValueError as exc:
         raise ProtocolError(f"body is not valid JSON ({exc}); binary bodies need {HEADER_LENGTH}") from None
     if not isinstance(parsed, dict):
         raise ProtocolError(f"JSON body must be an object, received {type(parsed).__name__}")
     return parsed, tail
 
 
-def decode_tensors(tensors: Sequence[TensorData], tail: bytes) -> dict[str, np.ndarray]:
+def decode_tensors(
+    tensors: Sequence[TensorData], tail: bytes, max_bytes_elements: int | None = None
+) -> dict[str, np.ndarray]:
     """Decode every tensor, taking binary ones from ``tail`` in order; every byte must be used."""
     arrays: dict[str, np.ndarray] = {}
     pos = 0
@@ -256,13 +278,15 @@ def decode_tensors(tensors: Sequence[TensorData], tail: bytes) -> dict[str, np.n
                 )
             raw = tail[pos : pos + size]
             pos += size
-        arrays[tensor.name] = from_wire(tensor, raw)
+        arrays[tensor.name] = from_wire(tensor, raw, max_bytes_elements)
     if pos != len(tail):
         raise ProtocolError(f"{len(tail) - pos} bytes of binary data are not claimed by any tensor")
     return arrays
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+def decode_request(
+    body: bytes, header_length: str | None, max_bytes_elements: int | None = None
+) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     from pydantic import ValidationError
 
     parsed, tail = split_body(body, header_length)
@@ -270,7 +294,7 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceReq
         request = InferenceRequest.model_validate(parsed)
     except ValidationError as exc:
         raise ProtocolError(f"invalid inference request: {first_errors(exc)}") from None
-    return request, decode_tensors(request.inputs, tail)
+    return request, decode_tensors(request.inputs, tail, max_bytes_elements)
 
 
 def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceResponse, dict[str, np.ndarray]]:

@@ -142,17 +142,31 @@ def test_persistent_out_of_memory_is_503_and_not_ready(monkeypatch: pytest.Monke
         assert _post(c).status_code == 200 and c.get("/v2/health/ready").status_code == 200
 
 
+METRICS_TOKEN = "m" * 16
+
+
 def test_metrics_count_requests_candidates_and_caches() -> None:
-    with _client() as c:
+    with _client(metrics_token=METRICS_TOKEN) as c:
         _post(c, 3)
         _post(c, 4)
         c.get("/v2/models/nope")
-        text = c.get("/metrics").text
+        text = c.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
         assert 'bptvlm_requests_total{route="/v2/models/{model_name}/infer",status="200"} 2.0' in text
         assert 'bptvlm_requests_total{route="/v2/models/{model_name}",status="404"} 1.0' in text
         assert "bptvlm_candidates_charged_total{key=" in text and "} 7.0" in text
+        assert "bptvlm_candidates_charged_all_total 7.0" in text
         assert 'bptvlm_cache_hits{cache="images"} 1.0' in text  # the second request reused the batch
         assert "bptvlm_inference_seconds_count 2.0" in text
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer tok", "Bearer " + "x" * 16], ids=["anonymous", "api-key", "wrong-token"])
+def test_metrics_show_no_tenant_to_callers_without_the_metrics_token(auth: str | None) -> None:
+    with _client(metrics_token=METRICS_TOKEN) as c:
+        _post(c, 3)
+        headers = {} if auth is None else {"Authorization": auth}
+        text = TestClient(c.app).get("/metrics", headers=headers).text
+        assert "bptvlm_candidates_charged_all_total 3.0" in text  # totals stay public
+        assert "key=" not in text and "token-0" not in text
 
 
 def test_request_ids_reach_the_response_and_json_logs(caplog: pytest.LogCaptureFixture) -> None:

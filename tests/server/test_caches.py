@@ -66,9 +66,9 @@ def test_vision_only_reuses_text_features(service: InferenceService) -> None:
 
 def test_image_store_evicts_least_recently_used(tiny_model: PromptedCLIP) -> None:
     one_batch = 4 * 3 * 32 * 32 * 4  # float32 pixels of 4 images
-    service = InferenceService(tiny_model, Settings(device="cpu", image_cache_bytes=2 * one_batch))
+    service = InferenceService(tiny_model, Settings(device="cpu", image_cache_bytes=2 * one_batch + 512))  # + keys
     ids = [service.upload({"images": _images(s)}).image_batch for s in range(3)]
-    assert ids[0] not in service.images.lru and ids[1] in service.images.lru and ids[2] in service.images.lru
+    assert not service.images.holds(ids[0]) and service.images.holds(ids[1]) and service.images.holds(ids[2])
     assert service.upload({"images": _images(1)}).cached
 
 
