@@ -22,6 +22,7 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL
 ARG INSTALL_EXTRA_CA=0
+ARG PIP_DEFAULT_TIMEOUT=60
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 # The glob copies docker-extra/'s files when the folder exists and nothing when it does not.
 COPY pyproject.toml docker-extr[a] /tmp/build/

@@ -125,9 +125,14 @@ build_extras() {
 build_image() {
     local old; old=$(docker image inspect -f '{{.Id}}' bptvlm:latest 2>/dev/null || true)
     say "building bptvlm:latest on $BASE (log: $WORK/build.log while it runs)"
-    timeout 1200 docker build --network host -t bptvlm:latest --build-arg BASE_IMAGE="$BASE" \
-        --build-arg TORCH_VERSION="$TORCH_ARG" "${TORCH_INDEX_ARG[@]}" . >"$WORK/build.log" 2>&1 \
-        || { tail -40 "$WORK/build.log"; die "docker build"; }
+    local attempt
+    for attempt in 1 2; do  # a second try resumes from the cached layers (a network hiccup in pip)
+        timeout 1200 docker build --network host -t bptvlm:latest --build-arg BASE_IMAGE="$BASE" \
+            --build-arg TORCH_VERSION="$TORCH_ARG" "${TORCH_INDEX_ARG[@]}" . >"$WORK/build.log" 2>&1 && break
+        tail -40 "$WORK/build.log"
+        [ "$attempt" = 2 ] && die "docker build"
+        say "docker build failed; trying once more"
+    done
     local new; new=$(docker image inspect -f '{{.Id}}' bptvlm:latest)
     if [ -n "$old" ] && [ "$old" != "$new" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi  # the image it replaced
     say "image bptvlm:latest $(docker image inspect -f '{{.Size}}' bptvlm:latest | awk '{printf "%.2f GB", $1/1e9}')"
