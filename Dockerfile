@@ -9,7 +9,8 @@
 #   TORCH_VERSION  2.13.0
 #   TORCH_INDEX    where torch comes from: the CPU wheels by default; https://download.pytorch.org/whl/cu128
 #                  for a GPU image; empty: from docker-extra/wheels/ (a local wheel folder) or the pip index
-#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL   a package mirror for everything else (default: PyPI)
+#   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL   a package mirror for everything else (default: PyPI);
+#                  PIP_DEFAULT_TIMEOUT (60 s) for a slow proxy
 #   INSTALL_EXTRA_CA  1: also trust docker-extra/ca.crt in the final image (default 0: used by pip at build
 #                  time only)
 # Optional build-context files (git ignores docker-extra/): docker-extra/ca.crt, an extra CA bundle for a
