@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of: {', '.join(CONFIGS)}")
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--sigma", type=float, default=1.0, help="projection scale of every configuration (paper: 1.0)")
+    parser.add_argument("--optimizers", default="DiagonalCMA",
+                        help="comma-separated strategies; every configuration runs with each (columns 'CONFIG @ OPT')")
     parser.add_argument("--out", default="runs/variants")
     args = parser.parse_args()
     tasks, seeds, configs = args.tasks.split(","), [int(s) for s in args.seeds.split(",")], args.configs.split(",")
