@@ -52,14 +52,17 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(total, start + max(1, size)))
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
+def _normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit-norm rows, normalised in float32, held in ``dtype`` (the served dtype: what the caches keep)."""
+    x = x.float()
+    return (x / x.norm(dim=-1, keepdim=True)).to(dtype)
 
 
 class PromptedCLIP:
     """A frozen ``CLIPModel`` that scores prompt populations.
 
-    Shapes: ``P`` candidates, ``N`` images, ``C`` classes, ``E`` projection width.
+    Shapes: ``P`` candidates, ``N`` images, ``C`` classes, ``E`` projection width. Weights, activations,
+    pixels and features are in ``dtype`` (the served dtype); logits and everything after them in float32.
     """
 
     def __init__(
@@ -111,9 +114,10 @@ class PromptedCLIP:
     # --- inputs ----------------------------------------------------------------------------------
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` -> normalised pixel values ``[N, 3, S, S]`` (float32, CPU)."""
+        """uint8 ``[N, H, W, 3]`` -> normalised pixel values ``[N, 3, S, S]`` (served dtype, CPU: the tower
+        rounds them to it anyway, so caching them rounded changes no result and halves a bf16 cache)."""
         out = self.image_processor(images=list(images), return_tensors="pt")
-        return out["pixel_values"].float()
+        return out["pixel_values"].to(self.dtype)
 
     def tokenize(self, texts: list[str]) -> TextBatch:
         """Token ids of each class text, without special tokens (memoised: a tuning run repeats them)."""
@@ -190,7 +194,7 @@ class PromptedCLIP:
         mask = create_causal_mask(config=self._text.config, inputs_embeds=x, attention_mask=None, cache=None)
         hidden = self._text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         pooled = self._text.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=self.device), eos_at])
-        return _normalize(self.model.text_projection(pooled).float())
+        return _normalize(self.model.text_projection(pooled), self.dtype)
 
     @torch.inference_mode()
     def encode_images(
@@ -237,15 +241,15 @@ class PromptedCLIP:
         x = tokens if normed else self._vision.pre_layrnorm(tokens)
         hidden = self._vision.encoder(inputs_embeds=x).last_hidden_state
         pooled = self._vision.post_layernorm(hidden[:, 0])
-        return _normalize(self.model.visual_projection(pooled).float())
+        return _normalize(self.model.visual_projection(pooled), self.dtype)
 
     # --- scores ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-        """``[Pi, N, E]`` x ``[Pt, C, E]`` -> ``[P, N, C]`` (``Pi`` or ``Pt`` may be 1 and broadcast)."""
+        """``[Pi, N, E]`` x ``[Pt, C, E]`` -> float32 ``[P, N, C]`` (``Pi`` or ``Pt`` may be 1 and broadcast)."""
         scale = self.model.logit_scale.float().exp()
-        return scale * torch.matmul(image_feats, text_feats.transpose(-1, -2))
+        return scale * torch.matmul(image_feats.float(), text_feats.float().transpose(-1, -2))
 
 
 def loss_per_candidate(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce", gamma: float = 2.0) -> torch.Tensor:
