@@ -39,6 +39,7 @@ import torch
 from bptvlm.client.api import ClipClient
 from bptvlm.launch import local_server
 from bptvlm.roofline import measure_precision
+from bptvlm.server.calibration import measure_batch_images
 from bptvlm.server.loading import load_model
 from bptvlm.server.model import PromptedCLIP, loss_per_candidate
 from bptvlm.server.precision import dtype_name, resolve_dtype
@@ -161,6 +162,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     served = resolve_dtype(args.dtype, torch.device("cpu"))
     model = PromptedCLIP(load_model(args.model), dtype=served, max_batch_images=args.max_batch_images)
+    if args.max_batch_images is None:  # what `serve` does on a CPU; the server then gets the same chunk
+        measure_batch_images(model)
     work = make_workload(model, args.population, args.shots, args.classes)
     local = InProcess(model, work)
     ctx, vp, r = work.text_context, work.visual_prompt, args.repeats
@@ -250,7 +253,7 @@ def format_report(result: dict[str, Any]) -> str:
                      + (f", {tokens['trimmed']} vs {tokens['full']} tokens" if tokens else ""))
     if prec:
         lines.append(f"bf16_vs_fp32, roofline_fraction: {prec['model']}, {prec['images']} images x {prec['population']} "
-                     f"candidates x {prec['prompt_tokens']} visual tokens, chunks of {prec['max_batch_images']}; "
+                     f"candidates x {prec['prompt_tokens']} visual tokens, chunks {prec['max_batch_images']}; "
                      f"{prec['gflop_per_image']:.2f} GFLOP/image: {prec['achieved_gflops']:.0f} GFLOP/s vs GEMM "
                      f"{'x'.join(map(str, prec['gemm_shape']))} {prec['gemm_gflops']:.0f} GFLOP/s ({prec['served_dtype']})")
     lines.append("")

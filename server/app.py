@@ -19,6 +19,7 @@ from bptvlm.shared.protocol import ErrorResponse
 from .config import Settings
 from .health import ProbeLoop
 from .admission import RateLimiter
+from .calibration import measure_batch_images
 from .ledger import Ledger, hash_token
 from .observability import Metrics, request_context
 from .loading import load_model
@@ -64,6 +65,8 @@ def build_service(settings: Settings, ledger: Ledger | None = None) -> Inference
     dtype = resolve_dtype(settings.dtype, device)
     loaded = load_model(settings.model, seed=settings.seed)
     model = PromptedCLIP(loaded, device=device, dtype=dtype, max_batch_images=settings.max_batch_images)
+    if settings.max_batch_images is None and settings.measure_chunks and device.type == "cpu":
+        measure_batch_images(model)  # before compiling: every size tried would compile
     if settings.compile:
         log.info("compiling the vision and text encoders (torch.compile); the start-up probe waits for it")
         compile_encoders(model)

@@ -67,7 +67,12 @@ class Settings(BaseSettings):
     max_batch_images: int | None = Field(
         default=None, gt=0,
         description="images through the vision tower at once (population x images per chunk); "
-        "None: 4096 on a GPU, 256 on a CPU",
+        "None: 4096 on a GPU; on a CPU measured at start-up (measure_chunks) or 256 x 128 / vision width",
+    )
+    measure_chunks: bool = Field(
+        default=True,
+        description="on a CPU without max_batch_images, choose the vision chunk by a start-up measurement of a few "
+        "seconds (server/calibration.py) instead of the formula",
     )
     compile: bool = Field(
         default=False,

@@ -44,7 +44,7 @@ def test_report_names_the_text_population() -> None:
 def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["perf", "--model", "tiny-random", "--population", "2", "--shots", "1", "--classes", "3",
                  "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--dtype-model", "tiny-random",
-                 "--dtype-images", "3", "--dtype-population", "2", "--json"])
+                 "--dtype-images", "3", "--dtype-population", "2", "--max-batch-images", "32", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert set(TARGETS) <= set(result)
