@@ -75,7 +75,9 @@ class PromptedCLIP:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = loaded.model.eval().requires_grad_(False).to(self.device, dtype)
+        # The published statistics come from the float32 weights: one model publishes the same limits
+        # whatever dtype serves it (white-box baselines compare them with their own copy).
+        self.model = loaded.model.eval().requires_grad_(False).to(self.device, torch.float32)
         self.tokenizer = loaded.tokenizer
         self.image_processor = loaded.image_processor
         self.model_id = loaded.model_id
@@ -84,6 +86,7 @@ class PromptedCLIP:
         self._text = self.model.text_model
         self._vision = self.model.vision_model
         self.limits = self._compute_limits()
+        self.model.to(dtype)
 
     # --- metadata --------------------------------------------------------------------------------
 
@@ -94,7 +97,7 @@ class PromptedCLIP:
         # Scale of the vision tokens after the pre-layer-norm, on fixed-seed normalised pixels.
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(4, vcfg.num_channels, vcfg.image_size, vcfg.image_size, generator=gen)
-        tokens = self._vision.pre_layrnorm(self._vision.embeddings(pixels.to(self.device, self.dtype)))
+        tokens = self._vision.pre_layrnorm(self._vision.embeddings(pixels.to(self.device)))  # float32 here
         return PromptLimits(
             text_width=tcfg.hidden_size,
             vision_width=vcfg.hidden_size,

@@ -116,6 +116,7 @@ def test_bf16_scores_a_population_as_float32_does(embedded_pair: tuple[PromptedC
         logits = model.logits(image, text)  # [30, N, C]
         assert logits.dtype == torch.float32
         results.append((logits, loss_per_candidate(logits, labels).numpy()))
+    assert bf16.limits == fp32.limits  # published statistics do not depend on the served dtype
     (l32, loss32), (l16, loss16) = results
     scale = float(fp32.model.logit_scale.exp())
     error = (l32 - l16).abs() / scale
