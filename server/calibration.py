@@ -55,7 +55,8 @@ def measure_batch_images(
 
     A first pass goes up the sizes until throughput drops below ``DROP`` x the best so far or the budget
     is spent; the sizes it reached are then timed ``rounds - 1`` more times, interleaved (load from other
-    processes hits them alike), and the median throughput decides.
+    processes hits them alike), and the median throughput decides. When the budget allows only one size,
+    the model's chunk (the formula's) stays.
     """
     start = time.perf_counter()
     images_per_second(model, candidates[0], min_s=0.0, repeats=1)  # warm-up: first-call allocations, kernel choices
@@ -65,6 +66,10 @@ def measure_batch_images(
         best = max(r[0] for r in rates.values())
         if rates[size][0] < DROP * best or time.perf_counter() - start > budget_s / rounds:
             break
+    if len(rates) < 2:  # the budget ran out on the first size: nothing was compared
+        log.warning("vision chunk: one size timed within %.0f s (a slow or busy machine); keeping %d images",
+                    budget_s, model.max_batch_images)
+        return model.max_batch_images
     for _ in range(rounds - 1):
         for size, seen in rates.items():
             seen.append(images_per_second(model, size, repeats=1))

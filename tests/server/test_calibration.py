@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from bptvlm.server import app as app_module
@@ -32,10 +34,20 @@ def test_picks_the_fastest_size_and_stops_past_it(tiny_model: PromptedCLIP, monk
     assert all(calls[1:].count(s) == calibration.ROUNDS for s in tried)  # every size reached is timed each round
 
 
+def test_a_budget_spent_on_one_size_keeps_the_formula(tiny_model: PromptedCLIP, monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(model: PromptedCLIP, size: int, min_s: float = 0.0, repeats: int = 1) -> float:
+        time.sleep(0.05)
+        return float(size)  # larger is faster: without the budget, the largest would win
+
+    monkeypatch.setattr(calibration, "images_per_second", slow)
+    saved = tiny_model.max_batch_images
+    assert calibration.measure_batch_images(tiny_model, budget_s=0.01) == saved == tiny_model.max_batch_images
+
+
 def test_real_measurement_returns_a_timed_size(tiny_model: PromptedCLIP) -> None:
     saved = tiny_model.max_batch_images
     try:
-        chosen = calibration.measure_batch_images(tiny_model, candidates=(16, 32), budget_s=0.5, rounds=2)
+        chosen = calibration.measure_batch_images(tiny_model, candidates=(16, 32), budget_s=60.0, rounds=2)
     finally:
         tiny_model.max_batch_images = saved
     assert chosen in (16, 32)
