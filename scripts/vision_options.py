@@ -3,7 +3,8 @@
     python scripts/vision_options.py --dtype bfloat16 --images 64 --max-batch-images 32 --rounds 5
 
 Every variant gets its own copy of the same random-weight model (``random-vit-b32`` by default), the same
-images and one candidate of 5 visual tokens. Each is called twice first (compiling where it compiles; the
+images and the same ``--population`` candidates of 5 visual tokens; ``name@N`` runs a variant in chunks
+of N images. Each is called twice first (compiling where it compiles; the
 time is printed), then the variants are timed in interleaved rounds (load from other processes hits them
 alike) and the medians compared with eager.
 """
@@ -41,8 +42,10 @@ VARIANTS: dict[str, Callable[[PromptedCLIP], None]] = {
 
 
 def build(loaded: LoadedModel, name: str, dtype: torch.dtype, chunk: int) -> PromptedCLIP:
-    model = PromptedCLIP(copy.deepcopy(loaded), dtype=dtype, max_batch_images=chunk)
-    VARIANTS[name](model)
+    """``name`` is a VARIANTS key, optionally ``@N`` for chunks of N images instead of ``chunk``."""
+    base, _, size = name.partition("@")
+    model = PromptedCLIP(copy.deepcopy(loaded), dtype=dtype, max_batch_images=int(size) if size else chunk)
+    VARIANTS[base](model)
     return model
 
 
@@ -52,16 +55,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--max-batch-images", type=int, default=32)
+    parser.add_argument("--population", type=int, default=1, help="candidates, 5 visual tokens each")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--variants", default="eager,compile-dynamic,compile-dynamic-freezing",
-                        help=f"comma-separated, first is the baseline; from {', '.join(VARIANTS)}")
+                        help=f"comma-separated, first is the baseline; from {', '.join(VARIANTS)}, each optionally "
+                        "@N for chunks of N images (e.g. eager@256,eager@512)")
     args = parser.parse_args()
     names = args.variants.split(",")
     loaded, dtype = load_model(args.model), DTYPES[args.dtype]
     models: dict[str, PromptedCLIP] = {}
     lim = PromptedCLIP(copy.deepcopy(loaded)).limits
     pixels = torch.randn(args.images, lim.num_channels, lim.image_size, lim.image_size).to(dtype)
-    prompt = torch.randn(1, 5, lim.vision_width) * 0.02
+    prompt = torch.randn(args.population, 5, lim.vision_width) * 0.02
     for name in names:
         models[name] = build(loaded, name, dtype, args.max_batch_images)
         start = time.perf_counter()
@@ -81,7 +86,7 @@ def main() -> None:
     base = statistics.median(times[names[0]])
     for name, seen in times.items():
         med = statistics.median(seen)
-        print(f"{name:<26} median {med:7.3f} s  {args.images / med:7.1f} images/s  speed-up vs {names[0]} {base / med:5.2f}"
+        print(f"{name:<26} median {med:7.3f} s  {args.images * args.population / med:7.1f} images/s  speed-up vs {names[0]} {base / med:5.2f}"
               f"  (rounds: {', '.join(f'{s:.2f}' for s in seen)})")
 
 
