@@ -19,17 +19,16 @@ from bptvlm.shared.protocol import ErrorResponse
 from .config import Settings
 from .health import ProbeLoop
 from .admission import RateLimiter
+from .calibration import measure_batch_images
 from .ledger import Ledger, hash_token
 from .observability import Metrics, RequestContext
 from .loading import load_model
 from .model import PromptedCLIP
+from .precision import dtype_name, resolve_dtype
 from .routes import ANONYMOUS, router
 from .service import InferenceService
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -63,17 +62,18 @@ def compile_encoders(model: PromptedCLIP) -> None:
 def build_service(settings: Settings, ledger: Ledger | None = None) -> InferenceService:
     """Load the model, wrap it in the service layer, and check one tiny forward pass (the readiness probe)."""
     device = resolve_device(settings.device)
-    dtype = _DTYPES[settings.dtype]
-    if device.type == "cpu" and dtype != torch.float32:
-        raise ValueError(f"dtype {settings.dtype} is for GPUs; use float32 on CPU")
+    dtype = resolve_dtype(settings.dtype, device)
     loaded = load_model(settings.model, seed=settings.seed)
     model = PromptedCLIP(loaded, device=device, dtype=dtype, max_batch_images=settings.max_batch_images)
+    if settings.max_batch_images is None and settings.measure_chunks and device.type == "cpu":
+        measure_batch_images(model)  # before compiling: every size tried would compile
     if settings.compile:
         log.info("compiling the vision and text encoders (torch.compile); the start-up probe waits for it")
         compile_encoders(model)
     service = InferenceService(model, settings, ledger or open_ledger(settings))
     service.probe()
-    log.info("serving %s on %s (%s): %s", loaded.model_id, device, settings.dtype, model.limits)
+    log.info("serving %s on %s in %s (--dtype %s): %s", loaded.model_id, device, dtype_name(dtype), settings.dtype,
+             model.limits)
     return service
 
 

@@ -8,6 +8,9 @@ import logging
 import sys
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
@@ -74,7 +77,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="weights dtype (half types: GPU only)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES,  # == config.DTYPE_CHOICES (a test checks; imports stay light)
+                   help="served dtype of weights, activations and caches (default auto: bfloat16 where the device "
+                   "has fast bf16, i.e. CUDA with bf16 or a CPU with AVX512-BF16/AMX, else float32); scores and "
+                   "loss are float32 either way; the served dtype is in the model metadata")
     p.add_argument("--seed", type=int, help="seed of the random-weight models")
     p.add_argument("--ledger", help="ledger of API keys and usage (see `bptvlm keys`): a SQLite file, or "
                    "postgresql://user@host:port/db for several replicas sharing one (needs bptvlm[postgres]); "

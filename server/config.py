@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .ledger import LEASE_S, POSTGRES_DRIVER_HINT, POSTGRES_SCHEMES
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_CHOICES: tuple[str, ...] = get_args(DtypeName)
 
 
 class Settings(BaseSettings):
@@ -23,7 +26,11 @@ class Settings(BaseSettings):
     )
     model_name: str = Field(default="clip", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="name in /v2/models/{name}")
     device: str = Field(default="auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DtypeName = Field(
+        default="auto",
+        description="served dtype of weights, activations and caches: 'auto' = bfloat16 where the device has fast "
+        "bf16 (CUDA with bf16; a CPU with AVX512-BF16 or AMX), else float32; scores and loss stay float32",
+    )
     seed: int = Field(default=0, description="seed of the tiny-random model's weights")
 
     ledger: str | None = Field(
@@ -79,7 +86,12 @@ class Settings(BaseSettings):
     max_batch_images: int | None = Field(
         default=None, gt=0,
         description="images through the vision tower at once (population x images per chunk); "
-        "None: 4096 on a GPU, 256 on a CPU",
+        "None: 4096 on a GPU; on a CPU measured at start-up (measure_chunks) or 256 x 128 / vision width",
+    )
+    measure_chunks: bool = Field(
+        default=True,
+        description="on a CPU without max_batch_images, choose the vision chunk by a start-up measurement of a few "
+        "seconds (server/calibration.py) instead of the formula",
     )
     compile: bool = Field(
         default=False,

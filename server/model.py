@@ -53,14 +53,17 @@ def _chunks(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(total, start + max(1, size)))
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
+def _normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unit-norm rows, normalised in float32, held in ``dtype`` (the served dtype: what the caches keep)."""
+    x = x.float()
+    return (x / x.norm(dim=-1, keepdim=True)).to(dtype)
 
 
 class PromptedCLIP:
     """A frozen ``CLIPModel`` that scores prompt populations.
 
-    Shapes: ``P`` candidates, ``N`` images, ``C`` classes, ``E`` projection width.
+    Shapes: ``P`` candidates, ``N`` images, ``C`` classes, ``E`` projection width. Weights, activations,
+    pixels and features are in ``dtype`` (the served dtype); logits and everything after them in float32.
     """
 
     def __init__(
@@ -73,7 +76,9 @@ class PromptedCLIP:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = loaded.model.eval().requires_grad_(False).to(self.device, dtype)
+        # The published statistics come from the float32 weights: one model publishes the same limits
+        # whatever dtype serves it (white-box baselines compare them with their own copy).
+        self.model = loaded.model.eval().requires_grad_(False).to(self.device, torch.float32)
         self.tokenizer = loaded.tokenizer
         self.image_processor = loaded.image_processor
         self.model_id = loaded.model_id
@@ -83,6 +88,7 @@ class PromptedCLIP:
         self._text = self.model.text_model
         self._vision = self.model.vision_model
         self.limits = self._compute_limits()
+        self.model.to(dtype)
 
     # --- metadata --------------------------------------------------------------------------------
 
@@ -93,7 +99,7 @@ class PromptedCLIP:
         # Scale of the vision tokens after the pre-layer-norm, on fixed-seed normalised pixels.
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(4, vcfg.num_channels, vcfg.image_size, vcfg.image_size, generator=gen)
-        tokens = self._vision.pre_layrnorm(self._vision.embeddings(pixels.to(self.device, self.dtype)))
+        tokens = self._vision.pre_layrnorm(self._vision.embeddings(pixels.to(self.device)))  # float32 here
         return PromptLimits(
             text_width=tcfg.hidden_size,
             vision_width=vcfg.hidden_size,
@@ -113,9 +119,10 @@ class PromptedCLIP:
     # --- inputs ----------------------------------------------------------------------------------
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` -> normalised pixel values ``[N, 3, S, S]`` (float32, CPU)."""
+        """uint8 ``[N, H, W, 3]`` -> normalised pixel values ``[N, 3, S, S]`` (served dtype, CPU: the tower
+        rounds them to it anyway, so caching them rounded changes no result and halves a bf16 cache)."""
         out = self.image_processor(images=list(images), return_tensors="pt")
-        return out["pixel_values"].float()
+        return out["pixel_values"].to(self.dtype)
 
     def tokenize(self, texts: list[str]) -> TextBatch:
         """Token ids of each class text, without special tokens (memoised by bytes: a tuning run repeats them)."""
@@ -197,7 +204,7 @@ class PromptedCLIP:
         mask = create_causal_mask(config=self._text.config, inputs_embeds=x, attention_mask=None, cache=None)
         hidden = self._text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         pooled = self._text.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=self.device), eos_at])
-        return _normalize(self.model.text_projection(pooled).float())
+        return _normalize(self.model.text_projection(pooled), self.dtype)
 
     @torch.inference_mode()
     def encode_images(
@@ -244,15 +251,15 @@ class PromptedCLIP:
         x = tokens if normed else self._vision.pre_layrnorm(tokens)
         hidden = self._vision.encoder(inputs_embeds=x).last_hidden_state
         pooled = self._vision.post_layernorm(hidden[:, 0])
-        return _normalize(self.model.visual_projection(pooled).float())
+        return _normalize(self.model.visual_projection(pooled), self.dtype)
 
     # --- scores ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def logits(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-        """``[Pi, N, E]`` x ``[Pt, C, E]`` -> ``[P, N, C]`` (``Pi`` or ``Pt`` may be 1 and broadcast)."""
+        """``[Pi, N, E]`` x ``[Pt, C, E]`` -> float32 ``[P, N, C]`` (``Pi`` or ``Pt`` may be 1 and broadcast)."""
         scale = self.model.logit_scale.float().exp()
-        return scale * torch.matmul(image_feats, text_feats.transpose(-1, -2))
+        return scale * torch.matmul(image_feats.float(), text_feats.float().transpose(-1, -2))
 
 
 def loss_per_candidate(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce", gamma: float = 2.0) -> torch.Tensor:

@@ -163,6 +163,7 @@ def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMet
         parameters={
             "protocol_version": p.PROTOCOL_VERSION,
             "model_id": service.model.model_id,
+            "dtype": str(service.model.dtype).removeprefix("torch."),  # the served dtype (--dtype; auto: server/precision.py)
             "prompt": lim.model_dump(),
         },
     )

@@ -9,6 +9,7 @@ import pytest
 
 from bptvlm.cli import build_parser, main
 from bptvlm.perf import TARGETS, InProcess, format_report, make_workload
+from bptvlm.roofline import vision_flops
 
 
 def test_text_population_defaults_to_population() -> None:
@@ -30,16 +31,20 @@ def test_report_names_the_text_population() -> None:
              "text_tokens": {"trimmed": 16, "full": 77}, "repeats": 4}
     seconds = dict.fromkeys(["inprocess_joint", "http_joint", "loop_joint", "batched_joint", "http_joint_b",
                              "http_text", "batched_joint_p30", "batched_joint_micro", "text_full",
-                             "text_trimmed"], 1.0)
+                             "text_trimmed", "vision_fp32", "vision_bf16", "gemm_served", "vision_served"], 1.0)
     report = format_report({**dict.fromkeys(TARGETS, 1.0), "setup": setup, "seconds": seconds, "targets": TARGETS})
     assert "text tower (trimmed_vs_full) at population 30 x 10 classes, 16 vs 77 tokens" in report
     assert all(name in report for name in TARGETS)
+    batched = next(line for line in report.splitlines() if line.startswith("batched_vs_loop"))
+    assert batched.split()[3] == "GPU"  # reported on a CPU, not counted as met or missed
+    assert next(line for line in report.splitlines() if line.startswith("bf16_vs_fp32")).split()[3] == "NO"
 
 
 @pytest.mark.slow
 def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["perf", "--model", "tiny-random", "--population", "2", "--shots", "1", "--classes", "3",
-                 "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--json"])
+                 "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--dtype-model", "tiny-random",
+                 "--dtype-images", "3", "--dtype-population", "2", "--max-batch-images", "32", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert set(TARGETS) <= set(result)
@@ -48,3 +53,17 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     assert (setup["population"], setup["text_population"], setup["images"], setup["classes"]) == (2, 5, 3, 3)
     assert setup["text_tokens"]["full"] == 32 > setup["text_tokens"]["trimmed"]
     assert all(v > 0 for v in result["seconds"].values())
+    prec = setup["precision"]
+    assert (prec["images"], prec["population"], prec["served_dtype"]) == (3, 2, setup["dtype"])
+    assert result["met"]["batched_vs_loop"] is None and isinstance(result["met"]["http_vs_inprocess"], bool)
+
+
+def test_vision_flops_match_the_formula(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The counter (attention through the math kernel) agrees with the transformer's FLOP formula."""
+    cfg, m = tiny_model.model.config.vision_config, 5
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    seq, d, ff = patches + 1 + m, cfg.hidden_size, cfg.intermediate_size
+    per_layer = 2 * seq * (4 * d * d + 2 * d * ff) + 2 * 2 * seq * seq * d  # q, k, v, out, MLP; QK^T and AV
+    conv = 2 * patches * d * cfg.num_channels * cfg.patch_size**2
+    projection = 2 * d * tiny_model.model.config.projection_dim
+    assert vision_flops(tiny_model, m) == cfg.num_hidden_layers * per_layer + conv + projection

@@ -25,8 +25,8 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
         "perf",
         help="measure the boundary's cost and the batched forward's speed-ups",
         description="Print ratios of two timings taken side by side in one run on the same model and data: "
-        "http_vs_inprocess (target >= 0.9), batched_vs_loop (>= 3), textonly_vs_joint (>= 10), micro_batch "
-        "(>= 1) and trimmed_vs_full. A server subprocess on 127.0.0.1 serves the HTTP side. Definitions in "
+        "http_vs_inprocess (target >= 0.95), batched_vs_loop (>= 3 on a GPU), textonly_vs_joint (>= 10), micro_batch "
+        "(>= 1), trimmed_vs_full, bf16_vs_fp32 (>= 3) and roofline_fraction (>= 0.8). A server subprocess on 127.0.0.1 serves the HTTP side. Definitions in "
         "bptvlm/perf.py.",
     )
     p.add_argument("--model", default="embedded",
@@ -40,7 +40,13 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
-    p.add_argument("--max-batch-images", type=int, help="vision chunk size (default: the server's, 256 on CPU)")
+    p.add_argument("--max-batch-images", type=int, help="vision chunk size (default: the server's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="served dtype, in-process and of the server (default auto, as for `serve`)")
+    p.add_argument("--dtype-model", default="random-vit-b32",
+                   help="model of bf16_vs_fp32 and roofline_fraction (default: the ViT-B/32 shape, random weights)")
+    p.add_argument("--dtype-images", type=int, default=32, help="images of the bf16_vs_fp32/roofline forward")
+    p.add_argument("--dtype-population", type=int, default=1, help="candidates of that forward (5 visual tokens each)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_perf)
 
