@@ -54,6 +54,14 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]!r}; known: {', '.join(CONFIGS)}")
+    optimizers = args.optimizers.split(",")
+    try:
+        for opt in optimizers:
+            resolve_config("default", optimizer=opt)
+    except ValueError as exc:
+        parser.error(str(exc))
+    # one column per configuration and strategy; the strategy is named only when several are compared
+    runs = [(f"{c} @ {o}" if len(optimizers) > 1 else c, c, o) for c in configs for o in optimizers]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list[float]]] = {}
@@ -62,20 +70,22 @@ def main() -> None:
         for task in tasks:
             row = rows.setdefault(task, {})
             for seed in seeds:
-                for name in configs:
-                    config = resolve_config("default", budget=args.budget, seed=seed, sigma=args.sigma, **CONFIGS[name])
+                for name, base, opt in runs:
+                    config = resolve_config("default", budget=args.budget, seed=seed, sigma=args.sigma, optimizer=opt,
+                                            **CONFIGS[base])  # fmt: skip
                     data = load_data(task, seed=seed, shots=config.shots, val_shots=config.val_shots, image_size=0,
                                      folder=False)
                     t0 = time.monotonic()
-                    s = run_tuning(client, data, config, out / task / name.replace(" ", "-") / f"seed{seed}", progress=False)
-                    if name == configs[0]:  # one zero-shot per task and seed
+                    folder = name.replace(" @ ", "@").replace(" ", "-")
+                    s = run_tuning(client, data, config, out / task / folder / f"seed{seed}", progress=False)
+                    if name == runs[0][0]:  # one zero-shot per task and seed
                         row.setdefault("zero-shot", []).append(s["zero_shot_accuracy"])
                     row.setdefault(name, []).append(s["test_accuracy"])
-                    print(f"{task:14s} seed {seed} {name:14s} zero-shot {s['zero_shot_accuracy']:.3f} -> "
+                    print(f"{task:14s} seed {seed} {name:24s} zero-shot {s['zero_shot_accuracy']:.3f} -> "
                           f"{s['test_accuracy']:.3f} (best seen {s['test_accuracy_best']:.3f}, selected "
                           f"{s['selected']}) {time.monotonic() - t0:.0f} s", flush=True)
-    columns = ["zero-shot", *configs]
-    lines = [f"model {args.model}, default preset, {args.budget} training queries, sigma {args.sigma}, seeds {args.seeds}: "
+    columns = ["zero-shot", *(name for name, _, _ in runs)]
+    lines = [f"model {args.model}, default preset, {args.optimizers}, {args.budget} training queries, sigma {args.sigma}, seeds {args.seeds}: "
              "test accuracy",
              "", "| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for task, row in rows.items():

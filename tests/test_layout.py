@@ -66,3 +66,11 @@ def test_the_command_line_loads_no_server_or_model_code() -> None:
             "print(sorted(m for m in ('torch', 'transformers', 'bptvlm.server.model') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_cli_lives_in_one_place() -> None:
+    """client/ and server/ keep no argparse: every command is in bptvlm/cli/."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for d in ("client", "server", "shared") for p in (root / d).rglob("*.py")
+                 if "argparse" in p.read_text()]
+    assert offenders == []

@@ -1,6 +1,7 @@
 """``bptvlm``: one command line for both sides. ``serve`` runs the provider; ``tune``/``eval`` the user.
 
-One module per command family in this package (``tune``, ``bench``, ``world``; ``common`` holds the
+One module per command family in this package (``serve`` (serve, keys), ``tune`` (tune, eval), ``bench``,
+``world`` (tasks, model); ``common`` holds the
 exit codes, error mapping, client factory and config-generated flags); this module assembles them.
 Commands import lazily, so ``bptvlm tune`` never loads server code and ``bptvlm serve`` never loads
 the optimizer.
@@ -93,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     except PackageNotFoundError:  # running from a source tree that was never installed
         pass
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from bptvlm.server.cli import add_commands as add_server_commands
+    from . import serve
 
-    add_server_commands(sub)
+    serve.add_commands(sub)
     from . import bench, tune, world
 
     tune.add_commands(sub)

@@ -16,7 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from bptvlm.client.projection import PromptProjection
-from bptvlm.server import cli as server_cli
+from bptvlm.cli import serve as server_cli
 from bptvlm.server import precision
 from bptvlm.server.app import create_app
 from bptvlm.server.config import DTYPE_CHOICES, Settings

@@ -17,10 +17,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from bptvlm.shared.tensors import first_errors
 
-    from .app import create_app
-    from .config import Settings
-    from .connections import uvicorn_options
-    from .observability import configure_json_logging
+    from bptvlm.server.app import create_app
+    from bptvlm.server.config import Settings
+    from bptvlm.server.connections import uvicorn_options
+    from bptvlm.server.observability import configure_json_logging
 
     overrides = {
         "model": args.model,
@@ -113,7 +113,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from .ledger import Ledger
+    from bptvlm.server.ledger import Ledger
 
     try:
         ledger = Ledger(args.ledger)
