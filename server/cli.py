@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -90,6 +91,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _keys(args: argparse.Namespace) -> int:
     from .ledger import Ledger
 
+    if args.keys_command != "create" and "://" not in args.ledger and not Path(args.ledger).is_file():
+        print(f"bptvlm keys: no ledger at {args.ledger} (a new one is made by `bptvlm keys create --ledger "
+              f"{args.ledger} --name NAME`)", file=sys.stderr)
+        return 2
     try:
         ledger = Ledger(args.ledger)
     except RuntimeError as exc:  # e.g. a postgresql:// ledger without the driver

@@ -176,14 +176,6 @@ def test_cli_errors_are_one_line_and_an_exit_code(
     assert message in caplog.text
 
 
-def test_cli_unreachable_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    args = _parser().parse_args(
-        ["tune", "--endpoint", "http://127.0.0.1:9", "--task", "shape", "--wait", "0", "--out", str(tmp_path)]
-    )
-    assert args.func(args) == common.EXIT_FAILED
-    assert "not ready" in caplog.text
-
-
 def test_client_never_imports_the_server_or_the_world() -> None:
     modules = ["api", "artifacts", "checkpoint", "config", "data", "evaluate", "loop", "objective", "projection", "run",
                "selection", "strategies", "tracking"]  # fmt: skip
