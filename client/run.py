@@ -230,9 +230,10 @@ def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strat
     """Train from ``state`` to the budget, select, test, write the outputs; checkpoint all along."""
     task, projection, template, config = setup.task, setup.projection, setup.template, setup.config
     if "val" not in task.splits:
-        logger.warning("no validation images (--val-shots %d): the prompt is chosen by training loss, which can end "
-                       "below zero-shot; give --val-shots > 0 and leave images for it (fewer --shots, or a smaller "
-                       "--test-fraction for a folder without train/ and test/)", config.val_shots)  # fmt: skip
+        why = "--val-shots 0" if config.val_shots == 0 else "the data has no validation images"
+        logger.warning("%s: the prompt is chosen by training loss, which can end below zero-shot; give --val-shots > 0 "
+                       "and leave images for it (fewer --shots, or a smaller --test-fraction for a folder without "
+                       "train/ and test/)", why)  # fmt: skip
     log = ProgressLog(out / PROGRESS_FILE if out else None, keep=state.progress_lines)
     run = _Checkpointer(out / CHECKPOINT_FILE if out else None, state, task, strategy, log)
     run.commit()
