@@ -97,7 +97,9 @@ def test_every_image_mode_loads_as_what_it_shows(tmp_path: Path, mode: str) -> N
     white); transparent pixels show the stated background (white), opaque ones their colour."""
     from PIL import Image
 
-    from bptvlm.client.data import BACKGROUND, load_image
+    from bptvlm.client.data import load_image
+
+    white = (255, 255, 255)  # the stated background (client.data.BACKGROUND)
 
     grey = np.full((8, 8), 128, np.uint8)
     if mode in ("I;16", "I"):
@@ -120,7 +122,7 @@ def test_every_image_mode_loads_as_what_it_shows(tmp_path: Path, mode: str) -> N
     img.save(path)
     pixels = load_image(path, 8).astype(int)
     if mode in ("RGBA", "LA", "P-transparent"):
-        assert np.abs(pixels[:3] - 128).max() <= 2 and (pixels[5:] == BACKGROUND).all()
+        assert np.abs(pixels[:3] - 128).max() <= 2 and (pixels[5:] == white).all()
     else:
         assert np.abs(pixels - 128).max() <= 2, (mode, pixels.mean())
 
