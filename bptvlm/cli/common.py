@@ -120,12 +120,13 @@ def check_out(out: str | os.PathLike[str], *, overwrite: bool, what: str = "run"
                          f"continue that {what} with --resume {path}, replace it with --overwrite, or choose another folder")
 
 
-def command_line() -> str:
-    """The command as typed (for summary.json)."""
+def command_line(args: argparse.Namespace | None = None) -> str:
+    """The command as typed (for summary.json): the arguments ``main`` parsed, else the process's."""
     import shlex
     import sys
 
-    return " ".join(shlex.quote(a) for a in ["bptvlm", *sys.argv[1:]])
+    argv = getattr(args, "argv", None)
+    return shlex.join(["bptvlm", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run_command(body: Callable[[], int], endpoint: str = DEFAULT_ENDPOINT) -> int:

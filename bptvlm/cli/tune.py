@@ -232,7 +232,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 if args.overwrite:
                     _clear_run(Path(args.out))
                 extra = {"source": _source(args), "endpoint": args.endpoint, "model": args.served_model,
-                         "preset": args.preset or DEFAULT_PRESET, "command": common.command_line()}
+                         "preset": args.preset or DEFAULT_PRESET, "command": common.command_line(args)}
                 summary = run_tuning(client, data, config, args.out, progress=not args.no_progress, extra=extra,
                                      metadata=metadata, tensorboard=args.tensorboard)  # fmt: skip
         _print_summary(summary, args.out)
