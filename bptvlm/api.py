@@ -48,6 +48,8 @@ def tune(
     api_key: str | None = None,
     model: str | None = None,
     progress: bool = False,
+    overwrite: bool = False,
+    tensorboard: str | Path | None = None,
     **config: Any,
 ) -> Any:
     """Tune prompts for ``data`` through the server at ``endpoint`` (key: ``api_key`` or the environment
@@ -55,23 +57,27 @@ def tune(
     field (``optimizer``, ``budget``, ``variant``, ...), over ``preset`` (default: ``default``).
 
     Returns a ``TuneResult``: ``.summary`` (dict), ``.prompts`` (name -> ndarray), ``.history``
-    (one record per generation).
+    (one record per generation). A non-empty ``out`` is refused unless ``overwrite``.
     """
     from bptvlm.client.api import ClipClient
     from bptvlm.client.config import DEFAULT_PRESET, resolve_config
     from bptvlm.client.run import start
     from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 
+    from bptvlm.cli.common import check_out
+
     resolved = resolve_config(preset or DEFAULT_PRESET, **config)
+    if out is not None:
+        check_out(out, overwrite=overwrite)
     with ClipClient(endpoint, api_key=_key(api_key), model=model or DEFAULT_MODEL_NAME) as client:
         metadata = client.model_metadata()
         few_shot = _data(data, resolved, client.prompt_limits(metadata).image_size)
-        return start(client, few_shot, resolved, out, progress, metadata=metadata,
+        return start(client, few_shot, resolved, out, progress, metadata=metadata, tensorboard=tensorboard,
                      extra={"preset": preset or DEFAULT_PRESET})  # fmt: skip
 
 
 def evaluate(endpoint: str, prompts: str | Path, data: DataLike, *, api_key: str | None = None,
-             model: str | None = None) -> dict[str, Any]:
+             model: str | None = None, force: bool = False) -> dict[str, Any]:
     """Test accuracy of saved prompts (a ``prompts.safetensors``) and zero-shot on ``data``'s test split."""
     from bptvlm.client.api import ClipClient
     from bptvlm.client.evaluate import evaluate_saved
@@ -84,4 +90,4 @@ def evaluate(endpoint: str, prompts: str | Path, data: DataLike, *, api_key: str
             few_shot: TaskLike = load_test_split(str(data), image_size=size, folder=Path(data).is_dir() or None)
         else:
             few_shot = FewShotData(**dict(data)) if isinstance(data, Mapping) else data
-        return evaluate_saved(client, prompts, few_shot)
+        return evaluate_saved(client, prompts, few_shot, force=force)

@@ -15,9 +15,38 @@ import numpy as np
 from bptvlm.client.data import DataError, FewShotData, ImageFolderDataset, TaskLike
 
 
+def _task_names() -> list[str]:
+    from bptvlm.world.tasks import list_tasks
+
+    return [t.name for t in list_tasks()]
+
+
 def is_folder(spec: str) -> bool:
-    """A spec naming a directory (``./data/pets``) rather than a built-in task (``shape``)."""
-    return "/" in spec or Path(spec).is_dir()
+    """A spec naming a directory (``./data/pets``) rather than a built-in task (``shape``); a bare name
+    that is both is an error naming both (``./shape`` is the folder)."""
+    if "/" in spec:
+        return True
+    if Path(spec).is_dir():
+        if spec in _task_names():
+            raise DataError(f"{spec!r} is both the built-in task {spec!r} and the folder {Path(spec).resolve()}: "
+                            f"write ./{spec} for the folder, or run from another directory for the task")
+        return True
+    return False
+
+
+def check_source(spec: str, *, folder: bool | None = None) -> None:
+    """The local checks of a data source, before any server is asked: the task exists, or the folder
+    exists with at least two class folders (no image is read)."""
+    if folder if folder is not None else is_folder(spec):
+        ImageFolderDataset(spec, 1)
+    else:
+        names = _task_names()
+        if spec not in names:
+            import difflib
+
+            close = difflib.get_close_matches(spec, names, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known tasks: {', '.join(names)}"
+            raise DataError(f"unknown task {spec!r}{hint} (a folder: give --data DIR)")
 
 
 def load_data(
@@ -41,10 +70,8 @@ def load_data(
         return data
     from bptvlm.world.tasks import load_task
 
-    try:
-        return load_task(spec, shots=shots, seed=seed, n_val=val_shots, n_test=test_per_class)
-    except KeyError as exc:
-        raise DataError(str(exc.args[0]) if exc.args else str(exc)) from None
+    check_source(spec, folder=False)
+    return load_task(spec, shots=shots, seed=seed, n_val=val_shots, n_test=test_per_class)
 
 
 def load_test_split(spec: str, *, image_size: int, test_fraction: float = 0.5, folder: bool | None = None) -> TaskLike:

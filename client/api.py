@@ -2,7 +2,9 @@
 
     ClipClient(endpoint, *, api_key, model, timeout, binary, max_retries, retry_for, transport, http)
     ├── live() / ready() / wait_until_ready()     GET /v2/health/{live,ready}
+    ├── check_server()                            GET /v2: fail fast if nothing bptvlm/V2 answers there
     ├── server_metadata() -> dict                 GET /v2
+    ├── usage_report() -> UsageReport | None      GET /v2/usage: what the key spent and has left
     ├── model_metadata() -> ModelMetadata         GET /v2/models/{model}
     ├── prompt_limits() -> PromptLimits           model_metadata().parameters["prompt"]
     ├── upload_images(uint8 [N,H,W,3]) -> id      POST /v2/models/{model}/images (cached by content)
@@ -30,7 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bptvlm.shared.errors import BptvlmError, NotReadyError, ProtocolError, RateLimitedError, error_from_status
+from bptvlm.shared.errors import BptvlmError, NotFoundError, NotReadyError, ProtocolError, RateLimitedError, error_from_status
 from bptvlm.shared.protocol import (
     DEFAULT_MODEL_NAME,
     IMAGES,
@@ -39,10 +41,12 @@ from bptvlm.shared.protocol import (
     PROTOCOL_VERSION,
     ImageUploadResponse,
     ModelMetadata,
+    ServerMetadata,
     PromptLimits,
     TokenizeRequest,
     TokenizeResponse,
     Usage,
+    UsageReport,
 )
 from bptvlm.shared.tensors import HEADER_LENGTH, decode_response, encode_request
 
@@ -110,6 +114,10 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class UnreachableError(ConnectionError):
+    """Nothing usable answers at the endpoint: connection refused, or not a bptvlm/V2 server."""
+
+
 class ClipClient:
     """Client of one model on one bptvlm server. Use as a context manager, or call ``close()``.
 
@@ -137,6 +145,8 @@ class ClipClient:
             raise ValueError(f"max_retries must be >= 0, received {max_retries}")
         if retry_for is not None and retry_for < 0:
             raise ValueError(f"retry_for must be >= 0 seconds, received {retry_for}")
+        if not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {endpoint!r} has no scheme: give the full URL, e.g. http://{endpoint.lstrip('/')}")
         self.endpoint = endpoint.rstrip("/")
         self.model = model
         self.binary = binary
@@ -254,6 +264,26 @@ class ClipClient:
         """True when the model is loaded and a test forward pass succeeded (no retries)."""
         return self._health("/v2/health/ready")
 
+    def check_server(self, refused_for: float = 0.0, interval: float = 0.5) -> None:
+        """``GET /v2`` once (retrying a refused connection for up to ``refused_for`` seconds): raise
+        ``UnreachableError`` when nothing listens there or what answers is not a bptvlm/V2 server."""
+        deadline = time.monotonic() + refused_for
+        while True:
+            try:
+                response = self._http.get(self._url("/v2"), headers=self._headers)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if time.monotonic() >= deadline:
+                    raise UnreachableError(f"connection refused at {self.endpoint} ({exc}): is `bptvlm serve` running "
+                                           "there? (check --endpoint's host and port)") from None  # fmt: skip
+                self._sleep(interval)
+        try:
+            ServerMetadata.model_validate(response.json())
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type").split(";")[0]
+            raise UnreachableError(f"{self.endpoint} answered GET /v2 with {response.status_code} ({kind}): it is not a "
+                                   "bptvlm/V2 server (check --endpoint's host and port)") from None  # fmt: skip
+
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> None:
         """Poll readiness until ``timeout`` seconds; raise ``NotReadyError`` if it never comes."""
         deadline = time.monotonic() + timeout
@@ -266,6 +296,14 @@ class ClipClient:
         """``GET /v2``: ``{"name", "version", "extensions"}``."""
         data: dict[str, Any] = self._get_json("/v2")
         return data
+
+    def usage_report(self) -> UsageReport | None:
+        """``GET /v2/usage``: what the caller's key was charged and has ``remaining`` (None: no quota);
+        None from a server without the route."""
+        try:
+            return UsageReport.model_validate(self._get_json("/v2/usage"))
+        except NotFoundError:
+            return None
 
     def model_metadata(self) -> ModelMetadata:
         """``GET /v2/models/{model}``; checks the protocol version the server publishes."""

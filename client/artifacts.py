@@ -52,8 +52,14 @@ def load_prompts(path: str | Path) -> SavedPrompts:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the prompts file, {path / PROMPTS_FILE}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type (and OSError) for anything unreadable
+        raise ValueError(f"{path} is not a prompts file written by bptvlm tune (a safetensors file, "
+                         f"{PROMPTS_FILE} in the run folder): {str(exc).splitlines()[0][:120]}") from None
     if _META_KEY not in metadata:
         raise ValueError(f"{path} was not written by bptvlm tune (no '{_META_KEY}' metadata)")
     return SavedPrompts(tensors=load_file(str(path)), meta=json.loads(metadata[_META_KEY]))

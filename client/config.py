@@ -57,6 +57,9 @@ class TuneConfig:
     val_shots: int = _f(8, "validation images per class, from the training pool left after --shots (data loaded by "
                         "name or folder); the final prompt (best seen, recommendation or the untuned template) is "
                         "chosen on them by accuracy, ties by loss; 0: by training loss")
+    eval_every: int | None = _f(None, "every this many training queries, the validation accuracy of the best-so-far "
+                                "prompt goes into progress.jsonl and curves.png (one evaluation query each, counted "
+                                "apart from the budget; default: a tenth of the budget; 0: never)")
 
     def __post_init__(self) -> None:
         from .strategies import check_strategy_name  # nevergrad, only when a config is built
@@ -65,6 +68,8 @@ class TuneConfig:
         for name in ("popsize", "budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, received {getattr(self, name)}")
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: never), received {self.eval_every}")
         if self.shots < 1 or self.val_shots < 0:
             raise ValueError(f"need shots >= 1 and val_shots >= 0, received {self.shots} and {self.val_shots}")
         for name, allowed in (("variant", tuple(VARIANTS)), ("loss", LOSSES), ("text_context", TEXT_CONTEXTS),

@@ -64,11 +64,35 @@ def class_name_of(folder: str) -> str:
     return folder.replace("_", " ")
 
 
+BACKGROUND = (255, 255, 255)
+"""What transparent pixels are composited over: white, as an image viewer shows them."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL mode: 16- and 32-bit integer images (``I;16*``, ``I``) are scaled from
+    their full range (65535 for 16-bit, not truncated, which turns them white), floats (``F``) from
+    [0, 1], and transparency (``RGBA``, ``LA``, ``PA``, a palette's transparent index) is
+    alpha-composited over ``BACKGROUND``."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else float(values.max())
+        img = Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img) * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 [size, size, 3]: shorter side resized to ``size`` (bicubic), then centre-cropped."""
+    """RGB uint8 [size, size, 3] (``to_rgb``): shorter side resized to ``size`` (bicubic), then centre-cropped."""
     try:
         with Image.open(path) as file:
-            img: Image.Image = file.convert("RGB")
+            img: Image.Image = to_rgb(file)
         w, h = img.size
         scale = size / min(w, h)
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
@@ -123,6 +147,9 @@ class ImageFolderDataset:
         else:
             self.folders = [p.name for p in _class_folders(self.root)]
         self.class_names = [class_name_of(f) for f in self.folders]
+        if len(self.class_names) < 2:
+            raise DataError(f"{self.root} has {len(self.class_names)} class folder ({', '.join(self.folders)}): "
+                            "classification needs at least 2 classes (expected <class>/<image files>, one folder a class)")
 
     def _files(self, split: str) -> list[tuple[Path, int]]:
         """(path, label) pairs of ``split`` ("train" or "test")."""
@@ -203,6 +230,7 @@ def sample_few_shot(
     classes = range(len(class_names)) if class_names is not None else np.unique(labels)
     train: list[np.ndarray] = []
     val: list[np.ndarray] = []
+    short: list[str] = []
     for c in classes:
         idx = np.flatnonzero(labels == c)
         name = class_names[int(c)] if class_names is not None else str(c)
@@ -212,6 +240,10 @@ def sample_few_shot(
         train.append(np.sort(idx[:shots]))
         extra = idx[shots : shots + n_val]
         if len(extra) < n_val:
-            logger.warning("class '%s': only %d of %d validation images left after %d shots", name, len(extra), n_val, shots)
+            short.append(f"'{name}' has {len(extra)}")
         val.append(np.sort(extra))
+    if short:  # said once, with how to get them
+        logger.warning("only some of the %d validation images a class are left after %d shots: %s. The final prompt is chosen "
+                       "on validation (the template is always a candidate); for more, use fewer --shots or, for a "
+                       "folder without train/ and test/, a smaller --test-fraction", n_val, shots, ", ".join(short))
     return np.concatenate(train).astype(np.int64), np.concatenate(val).astype(np.int64) if val else np.zeros(0, np.int64)

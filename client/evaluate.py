@@ -18,17 +18,22 @@ from .run import model_id_of
 logger = logging.getLogger(__name__)
 
 
-def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike) -> dict[str, Any]:
+def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike, *, force: bool = False) -> dict[str, Any]:
     """Test accuracy of saved prompts on ``data`` (and zero-shot with the same template), via the API.
 
-    A shared text context is class-agnostic, so the data's class names may differ from the tuning
-    run's; a per-class context belongs to the run's classes, in their order.
+    Prompts tuned on another model are refused unless ``force`` (they live in that model's embedding
+    space). A shared text context is class-agnostic, so the data's class names may differ from the
+    tuning run's; a per-class context belongs to the run's classes, in their order.
     """
     saved = load_prompts(prompts_path)
     meta = saved.meta
     model_id = model_id_of(client.model_metadata())
     if meta.get("model") != model_id:
-        logger.warning("prompts were tuned on model %r, the server serves %r", meta.get("model"), model_id)
+        if not force:
+            raise ValueError(f"{prompts_path} was tuned on model {meta.get('model')!r}, the server serves {model_id!r}: "
+                             "prompts are vectors in their model's embedding space; evaluate against that model, or "
+                             "pass --force (force=True) to apply them anyway")
+        logger.warning("prompts were tuned on model %r, the server serves %r (forced)", meta.get("model"), model_id)
     context = saved.tensors.get(TEXT_CONTEXT)
     if list(meta.get("class_names", [])) != list(data.class_names):
         if context is not None and context.ndim == 4:  # [1, C, n, D]

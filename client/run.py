@@ -10,6 +10,7 @@ recommendation's loss, zero-shot and tuned test accuracy) is an evaluation query
 
 from __future__ import annotations
 
+import datetime
 import logging
 import pickle
 import sys
@@ -35,6 +36,9 @@ from .objective import RemoteTask
 from .projection import PromptProjection, build_projection
 from .selection import select_prompt
 from .strategies import Strategy, StrategySpec, make_strategy
+from .tracking import CURVES_FILE, TensorBoardLog, ValidationCurve, eval_every_of, planned_curve_evals, plot_curves, run_curve
+
+SELECTION_EVAL_QUERIES = 8  # at most: initial loss 1, validation 3, recommendation's loss 1, test 3
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,38 @@ def model_id_of(metadata: ModelMetadata) -> str:
     return str(metadata.parameters.get("model_id", metadata.name))
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bptvlm")
+    except PackageNotFoundError:
+        return None
+
+
+def check_quota(client: ClipClient, config: TuneConfig, spent: int = 0) -> None:
+    """Refuse (``BudgetExhaustedError``) before spending a query when the key's remaining quota
+    (``GET /v2/usage``) cannot pay the rest of the run: training to the budget plus evaluation."""
+    report = client.usage_report()
+    if report is None or report.remaining is None:
+        return
+    train = config.budget - spent
+    evals = SELECTION_EVAL_QUERIES + planned_curve_evals(eval_every_of(config.eval_every, config.budget), config.budget,
+                                                        config.popsize, spent)
+    if report.remaining < train + evals:
+        raise BudgetExhaustedError(
+            f"this key has {report.remaining} queries left, the run needs {train + evals} ({train} training to --budget "
+            f"{config.budget} + up to {evals} evaluation); lower --budget (or --eval-every 0) or ask the provider for more quota")
+
+
 def _setup(client: ClipClient, data: TaskLike, config: TuneConfig, metadata: ModelMetadata | None = None) -> _Setup:
+    if len(data.class_names) < 2:
+        raise ValueError(f"classification needs at least 2 classes, the data has {len(data.class_names)}: "
+                         f"{list(data.class_names)}")
     metadata = metadata or client.model_metadata()
     limits = client.prompt_limits(metadata)
     template = task_template(config, data)
@@ -138,43 +173,67 @@ def start(
     *,
     extra: dict[str, Any] | None = None,
     metadata: ModelMetadata | None = None,
+    tensorboard: str | Path | None = None,
 ) -> TuneResult:
     """Tune prompts for ``data`` through ``client``; ``TuneResult`` with summary, prompts and history.
-    ``out_dir`` None: no files. ``extra`` (JSON-like) is kept in the checkpoint for whoever resumes."""
+    ``out_dir`` None: no files. ``extra`` (JSON-like) is kept in the checkpoint for whoever resumes
+    (``command``: the command line, recorded in the summary). ``tensorboard``: a folder for event files."""
     out = Path(out_dir) if out_dir is not None else None
+    if config.budget < config.popsize:
+        logger.warning("--budget %d is below --popsize %d: one generation of %d candidates, cut short; the strategy "
+                       "never sees a whole population", config.budget, config.popsize, config.budget)  # fmt: skip
+    check_quota(client, config)
+    setup = _setup(client, data, config, metadata)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    setup = _setup(client, data, config, metadata)
     strategy = make_strategy(StrategySpec(setup.config.optimizer, setup.config.popsize, setup.projection.dimension,
                                           setup.config.budget, setup.config.seed))  # fmt: skip
     state = Checkpoint(config=asdict(setup.config), run_id=uuid.uuid4().hex, model_id=setup.model_id,
                        data_fingerprint=setup.fingerprint, template=setup.template.text, strategy=b"",
-                       extra=dict(extra or {}))  # fmt: skip
-    return _execute(setup, out, state, strategy, progress)
+                       extra={"started_at": _now(), **(extra or {})})  # fmt: skip
+    return _execute(setup, out, state, strategy, progress, tensorboard)
 
 
-def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progress: bool = True, *,
+                  budget: int | None = None, tensorboard: str | Path | None = None) -> dict[str, Any]:
     """Continue the run checkpointed in ``out_dir`` (same config, same total budget) and return its
     summary, which equals an uninterrupted run's but for ``wall_s``. A finished run is not touched:
-    its summary comes back without a query. ``CheckpointError`` if the model or data differ."""
+    its summary comes back without a query, unless ``budget`` is larger than the run's: then it goes
+    on from the saved strategy to the new total. ``CheckpointError`` if the model or data differ."""
     out = Path(out_dir)
     state = load_checkpoint(out / CHECKPOINT_FILE)
+    config = TuneConfig(**{k: v for k, v in state.config.items() if k in CONFIG_FIELDS})
+    if budget is not None and budget != config.budget:
+        if budget < max(config.budget, state.train_queries):
+            raise ValueError(f"--budget {budget} is below the run's --budget {config.budget}: a run can only be "
+                             "extended; start a new run for a smaller budget")
+        logger.info("extending the run in %s from %d to %d training queries", out, config.budget, budget)
+        config = replace(config, budget=budget)
+        state.config = asdict(config)
+        state.done, state.summary = False, None
     if state.done and state.summary is not None:
         logger.info("the run in %s is finished; nothing to resume", out)
         return state.summary
-    setup = _setup(client, data, TuneConfig(**{k: v for k, v in state.config.items() if k in CONFIG_FIELDS}))
+    check_quota(client, config, state.train_queries)
+    setup = _setup(client, data, config)
     state.check(model_id=setup.model_id, data_fingerprint=setup.fingerprint, template=setup.template.text)
     logger.info("resuming %s at generation %d: %d of %d training queries spent",
                 out, state.generation, state.train_queries, setup.config.budget)  # fmt: skip
     strategy = state.load_strategy() if state.strategy else make_strategy(
         StrategySpec(setup.config.optimizer, setup.config.popsize, setup.projection.dimension, setup.config.budget,
                      setup.config.seed))  # fmt: skip
-    return _execute(setup, out, state, strategy, progress).summary
+    return _execute(setup, out, state, strategy, progress, tensorboard).summary
 
 
-def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strategy, progress: bool) -> TuneResult:
+def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strategy, progress: bool,
+             tensorboard: str | Path | None = None) -> TuneResult:
     """Train from ``state`` to the budget, select, test, write the outputs; checkpoint all along."""
     task, projection, template, config = setup.task, setup.projection, setup.template, setup.config
+    if "val" not in task.splits:
+        why = "--val-shots 0" if config.val_shots == 0 else "the data has no validation images"
+        logger.warning("%s: the prompt is chosen by training loss, which can end below zero-shot; give --val-shots > 0 "
+                       "and leave images for it (fewer --shots, or a smaller --test-fraction for a folder without "
+                       "train/ and test/)", why)  # fmt: skip
     log = ProgressLog(out / PROGRESS_FILE if out else None, keep=state.progress_lines)
     run = _Checkpointer(out / CHECKPOINT_FILE if out else None, state, task, strategy, log)
     run.commit()
@@ -186,45 +245,83 @@ def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strat
         run.commit(initial_loss=float(task.losses("train", projection(zero), tag="initial")[0]))
     initial_loss = run.state.initial_loss
     assert initial_loss is not None
-    meta = {"model": setup.model_id, "model_name": setup.metadata.name, "template": template.text,
-            "context_init": template.prefix, "class_names": task.class_names,
-            "class_texts": [template.class_text(n) for n in task.class_names], "protocol_version": PROTOCOL_VERSION,
-            **{k: v for k, v in asdict(config).items() if k != "template"}, **projection.config()}  # fmt: skip
     s = run.state
     search = SearchState(spent=s.train_queries, generations=s.generation, best_loss=s.best_loss, best_z=s.best_z,
                          best_generation=s.best_generation)  # fmt: skip
     bar = _Bar(config.budget, search.spent, progress and sys.stderr.isatty())
-    interrupted = False
+    curve = ValidationCurve(task, projection, eval_every_of(config.eval_every, config.budget), search.spent)
+    board = TensorBoardLog(tensorboard, asdict(config)) if tensorboard is not None else None
+    interrupted = exhausted = False
 
     def score(z: np.ndarray, tag: str) -> np.ndarray:
         return task.losses("train", projection(z), purpose="train", tag=tag)
 
     try:
-        run_search(score, strategy, budget=config.budget, popsize=config.popsize, state=search, callbacks=[run, bar])
+        callbacks = [curve, run, bar, *([board] if board else [])]  # the curve first: it adds to the record
+        run_search(score, strategy, budget=config.budget, popsize=config.popsize, state=search, callbacks=callbacks)
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("interrupted after %d training queries; evaluating what was found", task.meter.train)
-    except BudgetExhaustedError:
-        logger.error("the server's budget for this key is spent after %d training queries", task.meter.train)
-        if search.best_z is not None and out is not None:  # keep what was paid for
-            _save(out, projection, search.best_z, {**meta, "selected": "best", "incomplete": True})
-            logger.error("best prompt so far (train loss %.4f) saved to %s", search.best_loss, out / PROMPTS_FILE)
+    except BudgetExhaustedError as exc:
+        exhausted = True
+        exc.summary = _exhausted(setup, out, run, search, strategy, initial_loss)  # type: ignore[attr-defined]
         raise
     finally:
         bar.bar.close()
         log.close()
+        if board is not None and exhausted:
+            board.finish(None)
     best_z, best_loss = (search.best_z, search.best_loss) if search.best_z is not None else (zero[0], initial_loss)
     chosen = select_prompt(task, projection, best_z, best_loss, strategy.recommend(), at=f"g{search.generations}",
                            report_all=True)  # fmt: skip
     prompts = projection(chosen.z[None, :]) if chosen.z is not None else {}
     if out is not None:
-        _save(out, projection, chosen.z, {**meta, "selected": chosen.selected})
+        _save(out, projection, chosen.z, {**_meta(setup), "selected": chosen.selected})
     summary = {
+        **_summary(setup, run, search, strategy, initial_loss),
+        "interrupted": interrupted,
+        **chosen.scores,
+        "selected": chosen.selected,
+        "selected_by": chosen.selected_by,
+        "test_accuracy": chosen.test_accuracy,
+        "zero_shot_accuracy": chosen.scores["test_accuracy_template"],
+        "eval_queries": task.meter.eval,
+        "server_usage": run.server_usage(),
+    }
+    _finish(out, summary, log.records)
+    if board is not None:
+        board.finish(summary)
+    # an interrupted run keeps its last generation's strategy and can be resumed; its evaluation
+    # queries were spent all the same, so the counters move on
+    run.commit(done=not interrupted, summary=None if interrupted else summary)
+    logger.info("zero-shot %.4f -> tuned %.4f test accuracy; train loss %.4f -> %.4f in %d queries (+%d for evaluation)",
+                summary["zero_shot_accuracy"], summary["test_accuracy"], initial_loss, best_loss,
+                task.meter.train, task.meter.eval)  # fmt: skip
+    return TuneResult(summary=summary, prompts=prompts, history=list(log.records))
+
+
+def _meta(setup: _Setup) -> dict[str, Any]:
+    """What prompts.safetensors records about its run."""
+    task, template, config = setup.task, setup.template, setup.config
+    return {"model": setup.model_id, "model_name": setup.metadata.name, "template": template.text,
+            "context_init": template.prefix, "class_names": task.class_names,
+            "class_texts": [template.class_text(n) for n in task.class_names], "protocol_version": PROTOCOL_VERSION,
+            **{k: v for k, v in asdict(config).items() if k != "template"}, **setup.projection.config()}  # fmt: skip
+
+
+def _summary(setup: _Setup, run: _Checkpointer, search: SearchState, strategy: Strategy, initial_loss: float) -> dict[str, Any]:
+    """The summary's fields that do not depend on the final selection."""
+    task, projection, config = setup.task, setup.projection, setup.config
+    return {
         **asdict(config),
         "config": asdict(config),
+        "command": run.state.extra.get("command"),
+        "version": _version(),
+        "started_at": run.state.extra.get("started_at"),
+        "finished_at": _now(),
         "strategy": strategy.describe(),
-        "template": template.text,
-        "context_init": template.prefix,
+        "template": setup.template.text,
+        "context_init": setup.template.prefix,
         "d_text": projection.d_text,
         "d_vision": projection.d_vision,
         "model": setup.model_id,
@@ -236,29 +333,41 @@ def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strat
         "num_val": len(task.labels("val")) if "val" in task.splits else 0,
         "num_test": len(task.labels("test")),
         "initial_train_loss": initial_loss,
-        "best_train_loss": best_loss,
+        "best_train_loss": search.best_loss if search.best_z is not None else initial_loss,
         "best_generation": search.best_generation,
         "generations": search.generations,
-        "interrupted": interrupted,
-        **chosen.scores,
-        "selected": chosen.selected,
-        "selected_by": chosen.selected_by,
-        "test_accuracy": chosen.test_accuracy,
-        "zero_shot_accuracy": chosen.scores["test_accuracy_template"],
         "train_queries": task.meter.train,
         "eval_queries": task.meter.eval,
         "server_usage": run.server_usage(),
         "wall_s": round(run.elapsed(), 3),
     }
-    if out is not None:
-        write_json(out / SUMMARY_FILE, summary)
-    # an interrupted run keeps its last generation's strategy and can be resumed; its evaluation
-    # queries were spent all the same, so the counters move on
-    run.commit(done=not interrupted, summary=None if interrupted else summary)
-    logger.info("zero-shot %.4f -> tuned %.4f test accuracy; train loss %.4f -> %.4f in %d queries (+%d for evaluation)",
-                summary["zero_shot_accuracy"], summary["test_accuracy"], initial_loss, best_loss,
-                task.meter.train, task.meter.eval)  # fmt: skip
-    return TuneResult(summary=summary, prompts=prompts, history=list(log.records))
+
+
+def _exhausted(setup: _Setup, out: Path | None, run: _Checkpointer, search: SearchState, strategy: Strategy,
+               initial_loss: float) -> dict[str, Any]:
+    """The key's quota ran out mid-run: keep the best prompt so far (unvalidated, untested: that would
+    cost queries) and a summary that says so. The checkpoint stays resumable with a new quota."""
+    summary = {**_summary(setup, run, search, strategy, initial_loss), "quota_exhausted": True, "interrupted": True,
+               "selected": "best" if search.best_z is not None else "template",
+               "selected_by": "train_loss (quota exhausted: not validated)", "test_accuracy": None,
+               "zero_shot_accuracy": None}  # fmt: skip
+    if out is not None and search.best_z is not None:
+        _save(out, setup.projection, search.best_z, {**_meta(setup), "selected": "best", "incomplete": True})
+    _finish(out, summary, run.log.records)
+    return summary
+
+
+def _finish(out: Path | None, summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """summary.json and curves.png in the run folder."""
+    if out is None:
+        return
+    write_json(out / SUMMARY_FILE, summary)
+    if records:
+        try:
+            plot_curves([run_curve(records, summary, summary["variant"])], out / CURVES_FILE,
+                        title=f"{summary['model']}: {summary['strategy']}, {summary['variant']}")  # fmt: skip
+        except (OSError, ValueError) as exc:  # a plot never costs the run
+            logger.warning("could not draw %s: %s", out / CURVES_FILE, exc)
 
 
 def _save(out: Path, projection: PromptProjection, z: np.ndarray | None, meta: dict[str, Any]) -> None:

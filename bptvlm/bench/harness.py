@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import write_atomic
@@ -46,6 +46,7 @@ class BenchRun:
     model_name: str = "clip"
     progress: bool = True
     command: str = ""
+    overwrite: bool = False
 
 
 @dataclass
@@ -73,11 +74,36 @@ def _whitebox_model(spec: str, served: Any) -> Any:
     return clip
 
 
+REPORT_FILES = ("grid.json", "report.md", "results.csv", "results.jsonl")
+
+
+def claim_out(out: Path, grid: Grid, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds another grid's benchmark (or anything else) unless ``overwrite``;
+    then its report, tables and plots go (the cell files stay: each is keyed by all that shapes it)."""
+    import json
+
+    saved = out / "grid.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text()).get("grid", {})
+        new = json.loads(_json(grid.to_dict()))
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ and not overwrite:
+            raise ValueError(f"--out {out} holds a benchmark of another grid (it differs in {', '.join(differ)}): rerun "
+                             "with that grid to resume it, --overwrite to replace its report, or choose another --out")
+    elif out.is_dir() and any(p.name != "cells" for p in out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} is not empty and holds no benchmark: choose another --out, or --overwrite")
+    if overwrite and out.is_dir():
+        for path in [*(out / name for name in REPORT_FILES), *out.glob("plot_*.png")]:
+            path.unlink(missing_ok=True)
+
+
 def run_grid(run: BenchRun) -> Outcome:
     """Run every unfinished cell of ``run.grid``; write results.csv, results.jsonl, report.md, plots."""
     start = time.perf_counter()
+    claim_out(run.out, run.grid, run.overwrite)
     grid, store = run.grid, CellStore(run.out)
     with ClipClient(run.endpoint, api_key=run.api_key, model=run.model_name, max_retries=None, retry_for=120.0, max_backoff=10.0) as client:
+        client.check_server(refused_for=5.0)
         client.wait_until_ready(60.0)
         metadata = client.model_metadata()
         model_id = str(metadata.parameters.get("model_id", metadata.name))

@@ -179,16 +179,20 @@ def write_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 ax.fill_between(x, m - s, m + s, alpha=0.2, color=line.get_color())
             for g in sorted(g for g in summary if g[0] == task and g[1] != "blackbox"):
                 ax.axhline(summary[g][0]["test_accuracy_mean"], linestyle="--", linewidth=1, color="grey" if g[1] == "api" else "black")
-                ax.annotate(label(g, varied), (ax.get_xlim()[0], summary[g][0]["test_accuracy_mean"]), fontsize=7,
-                            va="bottom")
+                ax.annotate(label(g, varied), (0, summary[g][0]["test_accuracy_mean"]), fontsize=7, va="bottom")
             ax.set_xlabel("training queries (candidates evaluated)")
             ax.set_ylabel("test accuracy")
-            ax.set_title(f"{task}: {variant} prompts")
-            ax.legend(fontsize=8)
+            ax.set_xlim(left=0)  # from 0 queries, where zero-shot stands
+            ax.set_ylim(0, 1.02)
+            n_seeds = max(summary[g][b]["n"] for g in lines for b in summary[g])
+            ax.set_title(f"{task}: {variant} prompts\nline: mean over {n_seeds} seed(s); band: ± 1 std; dashed: baselines",
+                         fontsize=9)
             ax.grid(alpha=0.3)
-            fig.tight_layout()
+            handles, labels_ = ax.get_legend_handles_labels()
+            fig.legend(handles, labels_, loc="lower center", ncol=2, fontsize=8, frameon=False)
+            fig.tight_layout(rect=(0, 0.08 + 0.04 * ((len(handles) - 1) // 2), 1, 1))
             path = out / f"plot_{''.join(c if c.isalnum() or c in '-_' else '_' for c in task)}_{variant}.png"
-            fig.savefig(path)
+            fig.savefig(path, bbox_inches="tight")
             plt.close(fig)
             paths.append(path)
     return paths

@@ -79,6 +79,35 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .common import run_command
+
+    def body() -> int:
+        from bptvlm.compare import compare
+
+        text, png = compare(args.runs, args.out)
+        print(text)
+        print(f"\ncurves: {png}" if png else "\n(--out DIR also writes the table and the overlaid curves as PNG)")
+        return 0
+
+    return run_command(body)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="runs side by side: what differs, zero-shot vs tuned, queries, wall; overlaid curves",
+        description="Read the run folders of `bptvlm tune` (summary.json, progress.jsonl) and print a table: the "
+        "settings that differ between them, zero-shot and tuned test accuracy, the prompt selected, training and "
+        "evaluation queries, wall seconds. With --out, also OUT/compare.md and OUT/compare.png: best training loss "
+        "and validation accuracy of the best-so-far prompt against training queries, one colour per run (dashed: "
+        "each run's untuned template on validation).",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `bptvlm tune --out`")
+    p.add_argument("--out", metavar="DIR", help="folder for compare.md and compare.png (default: print the table only)")
+    p.set_defaults(func=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bptvlm",
@@ -102,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_commands(sub)
     world.add_commands(sub)
     bench.add_commands(sub)
+    _add_compare(sub)
     _add_demo(sub)
     _add_perf(sub)
     return parser
@@ -111,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in summary.json
     return int(args.func(args) or 0)
 
 

@@ -98,9 +98,16 @@ def add_commands(subparsers: Any) -> None:
     bl.add_argument("--coop-lr", dest="coop_lr", type=float, help="CoOp learning rate (default: 0.002)")
     sv = p.add_argument_group("server and output")
     sv.add_argument("--endpoint", help="base URL of the bptvlm server (default: http://127.0.0.1:8000)")
-    sv.add_argument("--model", dest="model_name", help="model name in /v2/models/{name} (default: clip)")
+    sv.add_argument("--served-model", dest="model_name", metavar="NAME",
+                    help="name of the served model, as in /v2/models/{name} (default: clip)")
+    from .common import _DeprecatedModel
+
+    sv.add_argument("--model", dest="model_name", action=_DeprecatedModel, help=argparse.SUPPRESS)
     sv.add_argument("--api-key", help=f"bearer token (default: the environment variable {API_KEY_ENV})")
-    sv.add_argument("--out", type=Path, help="output folder (default: bench/run1)")
+    sv.add_argument("--out", type=Path, help="output folder (default: bench/run1); a folder holding another grid's "
+                    "benchmark is refused")
+    sv.add_argument("--overwrite", action="store_true", help="replace the report, tables and plots of another grid in "
+                    "--out (finished cell files stay: each is keyed by everything that shapes its result)")
     sv.add_argument("--no-progress", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_bench)
 
@@ -111,7 +118,7 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
     values: dict[str, Any] = load_grid_file(args.grid) if args.grid else {}
     for key, value in vars(args).items():
-        if value is not None and key not in ("grid", "func", "command", "no_progress"):
+        if value is not None and key not in ("grid", "func", "command", "no_progress", "overwrite"):
             values[key] = value
     if isinstance(values.get("ensemble_templates"), str):
         values["ensemble_templates"] = values["ensemble_templates"].split("|")
@@ -126,8 +133,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        from bptvlm.data import check_source
+
         values = _values(args)
         grid = make_grid(values)
+        for task in grid.tasks:  # locally, before any server is asked: a name that is both a task and a folder fails
+            check_source(task)
     except (ValueError, KeyError, OSError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE
@@ -139,7 +150,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run = BenchRun(grid=grid, out=Path(values.get("out") or "bench/run1"), endpoint=endpoint,
                        api_key=values.get("api_key") or os.environ.get(API_KEY_ENV) or None,
                        model_name=values.get("model_name") or "clip", progress=not args.no_progress,
-                       command=command_line())  # fmt: skip
+                       command=command_line(), overwrite=args.overwrite)  # fmt: skip
         try:
             outcome = run_grid(run)
         except KeyboardInterrupt:

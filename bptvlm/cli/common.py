@@ -56,15 +56,30 @@ def given_config(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in config_flags() if getattr(args, name, None) is not None}
 
 
-def add_connection(parser: argparse.ArgumentParser) -> None:
+REFUSED_FOR_S = 5.0  # a refused connection is retried this long (a server binding its port), then reported
+
+
+class _DeprecatedModel(argparse.Action):
+    """``--model`` where ``--served-model`` is meant (tune, eval, bench): still works, says so once."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        logger.warning("--model here is deprecated: it names the served model, which is --served-model (in `serve`, "
+                       "`demo` and `perf`, --model is a model spec)")
+        setattr(namespace, self.dest, values)
+
+
+def add_connection(parser: argparse.ArgumentParser, dest: str = "served_model") -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--endpoint", default=None, help=f"base URL of the bptvlm server (default: {DEFAULT_ENDPOINT})")
+    group.add_argument("--endpoint", default=None, help=f"base URL of the bptvlm server, with http:// (default: {DEFAULT_ENDPOINT})")
     group.add_argument("--api-key", default=None,
                        help=f"bearer token for the server (default: the environment variable {API_KEY_ENV}; none for an "
                        "open local server)")
-    group.add_argument("--model", default=None, help="model name in /v2/models/{name} (default: clip)")
+    group.add_argument("--served-model", dest=dest, default=None, metavar="NAME",
+                       help="name of the served model, as in /v2/models/{name} (default: clip)")
+    group.add_argument("--model", dest=dest, action=_DeprecatedModel, help=argparse.SUPPRESS)
     group.add_argument("--wait", type=float, default=60.0,
-                       help="seconds to wait for the server to become ready (default: %(default)s)")
+                       help="seconds to wait for a server that answers but is still loading its model; a refused "
+                       f"connection or a server that is not bptvlm fails after {REFUSED_FOR_S:.0f} s (default: %(default)s)")
     group.add_argument("--retry-for", type=float, default=120.0, metavar="SECONDS",
                        help="keep retrying a request that failed to connect or got 503 (or 429 with Retry-After) for up "
                        "to this long, with backoff and the same request id, so a server restart within it is survived "
@@ -77,8 +92,41 @@ def make_client(args: argparse.Namespace) -> Any:
     from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    return ClipClient(args.endpoint or DEFAULT_ENDPOINT, api_key=api_key, model=args.model or DEFAULT_MODEL_NAME,
+    return ClipClient(args.endpoint or DEFAULT_ENDPOINT, api_key=api_key, model=args.served_model or DEFAULT_MODEL_NAME,
                       max_retries=None, retry_for=args.retry_for, max_backoff=MAX_BACKOFF_S)  # fmt: skip
+
+
+def connect(client: Any, wait: float) -> None:
+    """Fail fast when nothing bptvlm answers at the endpoint, then wait up to ``wait`` s for it to be ready."""
+    client.check_server(refused_for=min(wait, REFUSED_FOR_S))
+    client.wait_until_ready(wait)
+
+
+def check_endpoint(endpoint: str) -> None:
+    """A local check, before anything waits: the endpoint is a URL with a scheme."""
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"--endpoint {endpoint!r} has no scheme: give the full URL, e.g. http://{endpoint.lstrip('/')}")
+
+
+def check_out(out: str | os.PathLike[str], *, overwrite: bool, what: str = "run") -> None:
+    """Refuse a non-empty output folder unless ``overwrite`` (then the caller clears what it writes)."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"--out {path} is not empty (it holds {', '.join(sorted(p.name for p in path.iterdir())[:4])}): "
+                         f"continue that {what} with --resume {path}, replace it with --overwrite, or choose another folder")
+
+
+def command_line(args: argparse.Namespace | None = None) -> str:
+    """The command as typed (for summary.json): the arguments ``main`` parsed, else the process's."""
+    import shlex
+    import sys
+
+    argv = getattr(args, "argv", None)
+    return shlex.join(["bptvlm", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run_command(body: Callable[[], int], endpoint: str = DEFAULT_ENDPOINT) -> int:
@@ -90,20 +138,35 @@ def run_command(body: Callable[[], int], endpoint: str = DEFAULT_ENDPOINT) -> in
     from bptvlm.shared.errors import BptvlmError, BudgetExhaustedError
 
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger("httpx").level))
+    from bptvlm.client.api import UnreachableError
+    from bptvlm.shared.errors import AuthError
+
     try:
         return int(body())
     except KeyboardInterrupt:
         logger.error("interrupted")
         return EXIT_INTERRUPTED
     except BudgetExhaustedError as exc:
-        logger.error("query budget exhausted: %s", exc)
+        summary = getattr(exc, "summary", None)
+        if summary is not None:
+            logger.error("the key's query quota ran out after %d training queries: %s. The best prompt so far (train loss "
+                         "%.4f, not validated) and a summary are saved; resume with a new quota to finish",
+                         summary["train_queries"], exc, summary["best_train_loss"])  # fmt: skip
+        else:
+            logger.error("query quota: %s", exc)
         return EXIT_BUDGET
+    except AuthError as exc:
+        logger.error("%s: the server wants an API key; give --api-key KEY or set %s", exc, API_KEY_ENV)
+        return EXIT_USAGE
+    except UnreachableError as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
     except BptvlmError as exc:
         logger.error("request failed (%d): %s", exc.status_code, exc)
         return EXIT_FAILED
     except httpx.HTTPError as exc:
         logger.error("cannot reach %s: %s", endpoint, exc)
         return EXIT_FAILED
-    except (DataError, ValueError, KeyError, FileNotFoundError) as exc:
+    except (DataError, ValueError, KeyError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
         logger.error("%s", exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
         return EXIT_USAGE

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -115,6 +116,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _keys(args: argparse.Namespace) -> int:
     from bptvlm.server.ledger import Ledger
 
+    if args.keys_command != "create" and "://" not in args.ledger and not Path(args.ledger).is_file():
+        print(f"bptvlm keys: no ledger at {args.ledger} (a new one is made by `bptvlm keys create --ledger "
+              f"{args.ledger} --name NAME`)", file=sys.stderr)
+        return 2
     try:
         ledger = Ledger(args.ledger)
     except RuntimeError as exc:  # e.g. a postgresql:// ledger without the driver

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import common
-from .common import EXIT_OK, add_config_flags, add_connection, config_flags, given_config, run_command
+from .common import EXIT_INTERRUPTED, EXIT_OK, add_config_flags, add_connection, config_flags, given_config, run_command
 
 logger = logging.getLogger(__name__)
 _SOURCE_DESTS = ("data", "task", "test_fraction")  # the data flags a resumed run takes from its checkpoint
@@ -44,14 +44,21 @@ def add_commands(subparsers: Any) -> None:
     )
     add_connection(tune)
     _add_data(tune, required=False)  # unless --resume
-    add_config_flags(tune.add_argument_group("tuning (defaults from --preset)"))
+    group = tune.add_argument_group("tuning (defaults from --preset)")
+    group.add_argument("--config", metavar="FILE.toml", type=Path,
+                       help="settings from a TOML file, with the flags' names ('_' for '-', e.g. budget = 600, "
+                       "intrinsic_dim_text or d_text, data = \"pets\"); flags given on the command line override it")
+    add_config_flags(group)
     out = tune.add_argument_group("output")
-    out.add_argument("--out", metavar="DIR", help="folder for summary.json, progress.jsonl, prompts.safetensors and "
-                     "checkpoint.pkl (rewritten every generation); required unless --resume")
+    out.add_argument("--out", metavar="DIR", help="REQUIRED unless --resume: a new or empty folder for summary.json, "
+                     "progress.jsonl, curves.png, prompts.safetensors and checkpoint.pkl (rewritten every generation)")
+    out.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse a non-empty --out)")
     out.add_argument("--resume", metavar="DIR",
-                     help="continue the run in DIR from its checkpoint after a crash or Ctrl-C, with its own settings and "
-                     "the same total budget, to the result an uninterrupted run gets; a finished run is only reported. "
-                     "Settings given again must agree")
+                     help="continue the run in DIR from its checkpoint after a crash, Ctrl-C or a spent quota, with its own "
+                     "settings, to the result an uninterrupted run gets; a finished run is only reported, unless a larger "
+                     "--budget extends it from the saved strategy. Other settings given again must agree")
+    out.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files (loss, validation accuracy, "
+                     "queries; the config as hparams) to DIR (needs: pip install 'bptvlm[tracking]')")
     out.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
     tune.set_defaults(func=cmd_tune)
 
@@ -63,7 +70,10 @@ def add_commands(subparsers: Any) -> None:
     )
     add_connection(ev)
     _add_data(ev, required=True)
-    ev.add_argument("--prompts", required=True, metavar="FILE", help="prompts.safetensors written by 'bptvlm tune'")
+    ev.add_argument("--prompts", required=True, metavar="FILE",
+                    help="REQUIRED: prompts.safetensors written by 'bptvlm tune' (or its run folder)")
+    ev.add_argument("--force", action="store_true", help="apply prompts tuned on another model than the served one "
+                    "(default: refuse; they are not meant for it)")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -75,9 +85,38 @@ def _source(args: argparse.Namespace) -> dict[str, Any]:
     return source
 
 
+_FILE_KEYS = ("preset", "data", "task", "test_fraction", "out", "endpoint", "served_model", "tensorboard")
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Fill every setting not given on the command line from ``args.config`` (TOML, the flags' names)."""
+    if not args.config:
+        return
+    import tomllib
+
+    try:
+        with Path(args.config).open("rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--config {args.config} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {args.config} is not valid TOML: {exc}") from None
+    aliases = {flag.lstrip("-").replace("-", "_"): dest for dest, flag in config_flags().items()}
+    allowed = {**{d: d for d in (*config_flags(), *_FILE_KEYS)}, **aliases}
+    for key, value in values.items():
+        if key not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(key, allowed, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; keys are {', '.join(sorted(allowed))}"
+            raise ValueError(f"--config {args.config}: unknown key {key!r}{hint}")
+        if getattr(args, allowed[key], None) is None:
+            setattr(args, allowed[key], value)
+
+
 def _adopt_run(args: argparse.Namespace) -> Any:
-    """For --resume: load the checkpoint and take its settings into ``args``; ``ValueError`` naming
-    the first flag given on the command line that disagrees with the run."""
+    """For --resume: load the checkpoint and take its settings into ``args`` (a larger --budget extends
+    the run); ``ValueError`` naming the first flag given on the command line that disagrees with it."""
     from bptvlm.client.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
     if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -89,6 +128,9 @@ def _adopt_run(args: argparse.Namespace) -> Any:
     known = {k: v for k, v in checkpoint.config.items() if k in config_flags()}
     stored = {**checkpoint.extra.get("source", {}), **TuneConfig(**known).to_dict()}
     flags = {**config_flags(), **{d: "--" + d.replace("_", "-") for d in _SOURCE_DESTS}}
+    args.extend_to = None
+    if args.budget is not None and args.budget > stored["budget"]:
+        args.extend_to, args.budget = args.budget, None
     for dest, flag in flags.items():
         if dest not in stored:
             continue
@@ -96,12 +138,13 @@ def _adopt_run(args: argparse.Namespace) -> Any:
         if dest == "data" and value is not None:
             value = str(Path(value).resolve())
         if value is not None and value != mine:
-            raise ValueError(f"{flag} {getattr(args, dest)} contradicts the run in {args.resume} ({flag} {mine}); "
+            extra = "; only a larger --budget extends it" if dest == "budget" else ""
+            raise ValueError(f"{flag} {getattr(args, dest)} contradicts the run in {args.resume} ({flag} {mine}){extra}; "
                              "leave it out to resume, or start a new run in another folder")
         setattr(args, dest, mine)
-    for dest in ("endpoint", "model"):  # the server may have moved: the command line wins
-        if getattr(args, dest) is None and dest in checkpoint.extra:
-            setattr(args, dest, checkpoint.extra[dest])
+    for dest, key in (("endpoint", "endpoint"), ("served_model", "model")):  # the server may have moved: the command line wins
+        if getattr(args, dest) is None and key in checkpoint.extra:
+            setattr(args, dest, checkpoint.extra[key])
     if not (args.data or args.task):
         raise ValueError(f"the checkpoint in {args.resume} does not record its data; give --data or --task")
     args.out = args.resume
@@ -126,59 +169,115 @@ def _load(args: argparse.Namespace, image_size: int, config: Any) -> Any:
                      test_fraction=args.test_fraction or 0.5, folder=folder)  # fmt: skip
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
-    """``bptvlm tune``: start (or resume) a run and print the headline numbers."""
+def _clear_run(out: Path) -> None:
+    """--overwrite: remove what a run writes in ``out`` (nothing else)."""
+    from bptvlm.client.artifacts import PROGRESS_FILE, PROMPTS_FILE, SUMMARY_FILE
+    from bptvlm.client.checkpoint import CHECKPOINT_FILE
+    from bptvlm.client.tracking import CURVES_FILE
+
+    for name in (SUMMARY_FILE, PROGRESS_FILE, PROMPTS_FILE, CHECKPOINT_FILE, CURVES_FILE):
+        (out / name).unlink(missing_ok=True)
+    left = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if left:
+        logger.warning("--overwrite: %s also holds %s, left as they are", out, ", ".join(left[:5]))
+
+
+def _local_checks(args: argparse.Namespace) -> Any:
+    """Everything checkable without the server, before waiting for it; the resolved config."""
     from bptvlm.client.config import DEFAULT_PRESET, resolve_config
+    from bptvlm.data import check_source
+
+    if not args.out or not (args.data or args.task):
+        missing = [flag for flag, value in (("--out", args.out), ("--data or --task", args.data or args.task)) if not value]
+        raise ValueError(f"tune needs {' and '.join(missing)} (or --resume DIR)")
+    config = resolve_config(args.preset or DEFAULT_PRESET, **given_config(args))
+    common.check_out(args.out, overwrite=args.overwrite)
+    if args.task and args.data:
+        raise ValueError("give --data or --task, not both")
+    check_source(args.task or args.data, folder=not args.task)
+    return config
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``bptvlm tune``: start (or resume, or extend) a run and print the headline numbers; 130 after a
+    Ctrl-C (what was found is evaluated and saved first), 3 when the key's quota ran out."""
 
     def body() -> int:
+        from bptvlm.client.config import DEFAULT_PRESET, resolve_config
         from bptvlm.client.run import resume_tuning, run_tuning
+        from bptvlm.data import check_source
 
+        apply_config_file(args)
+        common.check_endpoint(args.endpoint or common.DEFAULT_ENDPOINT)
         checkpoint, config = None, None
         if args.resume:
             checkpoint = _adopt_run(args)
-            if checkpoint.done and checkpoint.summary is not None:  # finished: report, ask nothing
-                logger.info("the run in %s is finished; nothing to resume", args.resume)
+            if checkpoint.done and checkpoint.summary is not None and args.extend_to is None:  # finished: report
+                logger.info("the run in %s is finished; nothing to resume (a larger --budget extends it)", args.resume)
                 _print_summary(checkpoint.summary, args.out)
                 return EXIT_OK
             config = resolve_config("paper", **{k: getattr(args, k) for k in config_flags()})  # the run's own
-        elif not args.out or not (args.data or args.task):
-            missing = [flag for flag, value in (("--out", args.out), ("--data or --task", args.data or args.task)) if not value]
-            raise ValueError(f"tune needs {' and '.join(missing)} (or --resume DIR)")
+            check_source(args.task or args.data, folder=not args.task)
         else:
-            config = resolve_config(args.preset or DEFAULT_PRESET, **given_config(args))
+            config = _local_checks(args)
         args.endpoint = args.endpoint or common.DEFAULT_ENDPOINT
         with common.make_client(args) as client:
-            client.wait_until_ready(args.wait)
+            common.connect(client, args.wait)
             metadata = client.model_metadata()
             data = _load(args, client.prompt_limits(metadata).image_size, config)
             if checkpoint is not None:
-                summary = resume_tuning(client, data, args.out, progress=not args.no_progress)
+                summary = resume_tuning(client, data, args.out, progress=not args.no_progress, budget=args.extend_to,
+                                        tensorboard=args.tensorboard)  # fmt: skip
             else:
-                extra = {"source": _source(args), "endpoint": args.endpoint, "model": args.model,
-                         "preset": args.preset or DEFAULT_PRESET}
+                if args.overwrite:
+                    _clear_run(Path(args.out))
+                extra = {"source": _source(args), "endpoint": args.endpoint, "model": args.served_model,
+                         "preset": args.preset or DEFAULT_PRESET, "command": common.command_line(args)}
                 summary = run_tuning(client, data, config, args.out, progress=not args.no_progress, extra=extra,
-                                     metadata=metadata)
+                                     metadata=metadata, tensorboard=args.tensorboard)  # fmt: skip
         _print_summary(summary, args.out)
+        if summary.get("interrupted"):
+            print(f"interrupted: evaluated and saved what was found; continue with bptvlm tune --resume {args.out}")
+            return EXIT_INTERRUPTED
         return EXIT_OK
 
     return run_command(body, args.endpoint or common.DEFAULT_ENDPOINT)
+
+
+def _prompts_path(value: str) -> Path:
+    """--prompts: the file, or a run folder holding it; ``ValueError`` saying what it is instead."""
+    from bptvlm.client.artifacts import PROMPTS_FILE
+
+    path = Path(value)
+    if path.is_dir():
+        if not (path / PROMPTS_FILE).is_file():
+            raise ValueError(f"--prompts {path} is a folder without {PROMPTS_FILE}: give a run folder of `bptvlm tune` "
+                             "or its prompts.safetensors")
+        return path / PROMPTS_FILE
+    if not path.exists():
+        raise ValueError(f"--prompts {path} does not exist")
+    return path
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``bptvlm eval``: evaluate_saved, result as JSON on stdout."""
 
     def body() -> int:
+        from bptvlm.client.artifacts import load_prompts
         from bptvlm.client.evaluate import evaluate_saved
-        from bptvlm.data import load_test_split
+        from bptvlm.data import check_source, load_test_split
 
+        common.check_endpoint(args.endpoint or common.DEFAULT_ENDPOINT)
+        prompts = _prompts_path(args.prompts)
+        load_prompts(prompts)  # readable, before the server is asked
+        check_source(args.task or args.data, folder=not args.task)
         args.endpoint = args.endpoint or common.DEFAULT_ENDPOINT
         with common.make_client(args) as client:
-            client.wait_until_ready(args.wait)
+            common.connect(client, args.wait)
             size = client.prompt_limits().image_size
             spec, folder = (args.task, False) if args.task else (args.data, True)
             data = load_test_split(spec, image_size=size, test_fraction=args.test_fraction or 0.5, folder=folder)
-            print(json.dumps(evaluate_saved(client, args.prompts, data), indent=2))
+            print(json.dumps(evaluate_saved(client, prompts, data, force=args.force), indent=2))
         return EXIT_OK
 
     return run_command(body, args.endpoint or common.DEFAULT_ENDPOINT)
-

@@ -22,11 +22,26 @@ def _tasks_list(args: argparse.Namespace) -> int:
 
 
 def _tasks_export(args: argparse.Namespace) -> int:
-    from bptvlm.world.tasks import export_task
+    from .common import run_command
 
-    out = export_task(args.name, args.dir, shots=args.shots, seed=args.seed)
-    print(f"wrote {args.name} to {out} (train/ and test/ ImageFolders)")
-    return 0
+    def body() -> int:
+        import shutil
+
+        from bptvlm.data import check_source
+        from bptvlm.world.tasks import export_task
+
+        from .common import check_out
+
+        check_source(args.name, folder=False)
+        check_out(args.dir, overwrite=args.overwrite, what="export")
+        if args.overwrite:  # an export is its train/ and test/ trees: the old ones go whole
+            for split in ("train", "test"):
+                shutil.rmtree(Path(args.dir) / split, ignore_errors=True)
+        out = export_task(args.name, args.dir, shots=args.shots, seed=args.seed)
+        print(f"wrote {args.name} to {out} (train/ and test/ ImageFolders)")
+        return 0
+
+    return run_command(body)
 
 
 def _model_build(args: argparse.Namespace) -> int:
@@ -54,6 +69,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--shots", type=int, default=16, help="training images per class (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in DIR (default: refuse a non-empty DIR)")
     p.set_defaults(func=_tasks_export)
 
     model = subparsers.add_parser(

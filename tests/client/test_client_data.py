@@ -68,7 +68,7 @@ def test_sample_few_shot_is_seeded_and_class_major() -> None:
 def test_short_val_split_takes_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
     train, val = sample_few_shot(np.array([0] * 5), 4, n_val=3)
     assert len(train) == 4 and len(val) == 1
-    assert "only 1 of 3 validation images" in caplog.text
+    assert "only some of the 3 validation images a class are left after 4 shots: '0' has 1" in caplog.text
 
 
 def test_too_few_images_for_the_shots(image_folder: Callable[..., Path]) -> None:
@@ -84,12 +84,51 @@ def test_missing_and_empty_folders(tmp_path: Path) -> None:
         ImageFolderDataset(tmp_path, 8)
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="1 class folder .*at least 2 classes"):  # a one-class folder scores 1.0
+        ImageFolderDataset(tmp_path, 8)
+    (tmp_path / "other").mkdir()
     with pytest.raises(DataError, match="class 'cls' has no images"):
         ImageFolderDataset(tmp_path, 8).load("train")
 
 
+@pytest.mark.parametrize("mode", ["L", "I;16", "I", "RGB", "RGBA", "LA", "P-transparent", "CMYK", "F"])
+def test_every_image_mode_loads_as_what_it_shows(tmp_path: Path, mode: str) -> None:
+    """Mid-grey loads as mid-grey whatever the bit depth (16-bit PNGs are scaled, not truncated to
+    white); transparent pixels show the stated background (white), opaque ones their colour."""
+    from PIL import Image
+
+    from bptvlm.client.data import load_image
+
+    white = (255, 255, 255)  # the stated background (client.data.BACKGROUND)
+
+    grey = np.full((8, 8), 128, np.uint8)
+    if mode in ("I;16", "I"):
+        img = Image.fromarray(grey.astype(np.uint16) * 257)  # a 16-bit grey PNG
+        img = img if mode == "I;16" else img.convert("I")
+    elif mode == "F":
+        img = Image.fromarray(grey.astype(np.float32) / 255.0, mode="F")
+    elif mode in ("RGBA", "LA", "P-transparent"):
+        rgba = np.zeros((8, 8, 4), np.uint8)
+        rgba[:4] = (128, 128, 128, 255)  # top half opaque grey, bottom half transparent black
+        img = Image.fromarray(rgba, mode="RGBA")
+        if mode == "LA":
+            img = img.convert("LA")
+        elif mode == "P-transparent":
+            img = img.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+            img.info["transparency"] = img.getpixel((0, 7))
+    else:
+        img = Image.fromarray(np.stack([grey] * 3, -1), mode="RGB").convert(mode)
+    path = tmp_path / ("x.tiff" if mode in ("F", "I", "CMYK") else "x.png")
+    img.save(path)
+    pixels = load_image(path, 8).astype(int)
+    if mode in ("RGBA", "LA", "P-transparent"):
+        assert np.abs(pixels[:3] - 128).max() <= 2 and (pixels[5:] == white).all()
+    else:
+        assert np.abs(pixels - 128).max() <= 2, (mode, pixels.mean())
+
+
 def test_unreadable_image_is_named(image_folder: Callable[..., Path]) -> None:
-    root = image_folder({"a": 2})
+    root = image_folder({"a": 2, "b": 2})
     (root / "a" / "broken.jpg").write_bytes(b"definitely not a jpeg")
     with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg"):
         _load_all(root)
