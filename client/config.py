@@ -104,7 +104,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one shared context, prompts before the pre-layer-norm, cross-entropy.
     "paper": {},
     # Best measured on the embedded suite, chosen on seeds 3-5 apart from the reported 0-2
-    # (scripts/compare_variants.py; BENCHMARKS.md "Text context"): DiagonalCMA, text, mixed context.
+    # (scripts/compare_variants.py; BENCHMARKS.md "Text contexts" and "The default preset's strategy"):
+    # DiagonalCMA, text, mixed context.
     # 2,000 queries: the demo's budget, where mixed text pulls ahead (BENCHMARKS.md "Query budgets").
     "default": {"optimizer": "DiagonalCMA", "variant": "text", "text_context": "mixed", "budget": 2000},
 }
