@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -201,11 +200,3 @@ def _write_outputs(run: BenchRun, rows: list[dict[str, Any]], model_id: str, rec
     if rows:
         write_report(run.out, rows, header, list(run.grid.budgets))
         write_plots(run.out, rows)
-
-
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed (``bptvlm bench ...``), for the report."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] != ["bench"]:  # python -m bptvlm.bench ...
-        args = ["bench", *args]
-    return "bptvlm " + shlex.join(args)

@@ -145,12 +145,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     endpoint = values.get("endpoint") or DEFAULT_ENDPOINT
 
     def body() -> int:
-        from bptvlm.bench.harness import BenchRun, command_line, run_grid
+        from bptvlm.bench.harness import BenchRun, run_grid
+
+        from .common import command_line
 
         run = BenchRun(grid=grid, out=Path(values.get("out") or "bench/run1"), endpoint=endpoint,
                        api_key=values.get("api_key") or os.environ.get(API_KEY_ENV) or None,
                        model_name=values.get("model_name") or "clip", progress=not args.no_progress,
-                       command=command_line(), overwrite=args.overwrite)  # fmt: skip
+                       command=command_line(args), overwrite=args.overwrite)  # fmt: skip
         try:
             outcome = run_grid(run)
         except KeyboardInterrupt:
