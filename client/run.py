@@ -276,7 +276,7 @@ def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strat
                            report_all=True)  # fmt: skip
     prompts = projection(chosen.z[None, :]) if chosen.z is not None else {}
     if out is not None:
-        _save(out, projection, chosen.z, {**_meta(setup), "selected": chosen.selected})
+        _save(out, projection, chosen.z, {**_meta(setup), "selected": chosen.selected}, tensors=prompts)
     summary = {
         **_summary(setup, run, search, strategy, initial_loss),
         "interrupted": interrupted,
@@ -370,12 +370,14 @@ def _finish(out: Path | None, summary: dict[str, Any], records: list[dict[str, A
             logger.warning("could not draw %s: %s", out / CURVES_FILE, exc)
 
 
-def _save(out: Path, projection: PromptProjection, z: np.ndarray | None, meta: dict[str, Any]) -> None:
-    """prompts.safetensors for one z [d]: its prompt tensors (population of one) and z itself; for
-    ``z = None`` (the untuned template won) no prompt tensors, so applying the file is zero-shot."""
+def _save(out: Path, projection: PromptProjection, z: np.ndarray | None, meta: dict[str, Any],
+          tensors: dict[str, np.ndarray] | None = None) -> None:
+    """prompts.safetensors for one z [d]: its prompt tensors (population of one; ``tensors`` when the
+    caller already projected them) and z itself; for ``z = None`` (the untuned template won) no prompt
+    tensors, so applying the file is zero-shot."""
     if z is None:
         save_prompts(out / PROMPTS_FILE, SavedPrompts(tensors={"z": np.zeros((1, projection.dimension), np.float32)},
                                                       meta={**meta, "prompt": "none: the untuned template"}))
         return
-    tensors = projection(z[None, :])
+    tensors = tensors if tensors is not None else projection(z[None, :])
     save_prompts(out / PROMPTS_FILE, SavedPrompts(tensors={**tensors, "z": z[None, :]}, meta=meta))

@@ -43,6 +43,9 @@ def test_python_api_run_without_files_returns_prompts_and_history(client: ClipCl
     result = start(client, _data(), config, None, progress=False)
     assert [r["generation"] for r in result.history] == [0, 1, 2] and result.history[-1]["queries"] == 30
     assert result.summary["config"]["budget"] == 30 and result.summary["strategy"] == "CMA -> ParametrizedCMA(popsize=10)"
-    if result.summary["selected"] != "template":
+    if result.summary["selected"] == "template":
+        assert result.prompts == {}
+    else:
         assert result.prompts["text_context"].shape == (1, 2, LIMITS.text_width)
+        assert result.prompts["visual_prompt"].shape == (1, 2, LIMITS.vision_width)
     assert not list(tmp_path.iterdir())
