@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import pytest
 
+from bptvlm import perf, roofline
 from bptvlm.cli import build_parser, main
+from bptvlm.server import calibration
 from bptvlm.perf import TARGETS, InProcess, format_report, make_workload
 from bptvlm.roofline import vision_flops
 
@@ -31,7 +34,7 @@ def test_report_names_the_text_population() -> None:
              "text_tokens": {"trimmed": 16, "full": 77}, "repeats": 4}
     seconds = dict.fromkeys(["inprocess_joint", "http_joint", "loop_joint", "batched_joint", "http_joint_b",
                              "http_text", "batched_joint_p30", "batched_joint_micro", "text_full",
-                             "text_trimmed", "vision_fp32", "vision_bf16", "gemm_served", "vision_served"], 1.0)
+                             "text_trimmed", "joint_formula_chunk", "joint_measured_chunk", "vision_fp32", "vision_bf16", "gemm_served", "vision_served"], 1.0)
     report = format_report({**dict.fromkeys(TARGETS, 1.0), "setup": setup, "seconds": seconds, "targets": TARGETS})
     assert "text tower (trimmed_vs_full) at population 30 x 10 classes, 16 vs 77 tokens" in report
     assert all(name in report for name in TARGETS)
@@ -41,13 +44,19 @@ def test_report_names_the_text_population() -> None:
 
 
 @pytest.mark.slow
-def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # the start-up chunk measurement as `serve` runs it, over two sizes and a short budget (a test's time)
+    quick = functools.partial(calibration.measure_batch_images, candidates=(16, 32), budget_s=1.5)
+    monkeypatch.setattr(perf, "measure_batch_images", quick)
+    monkeypatch.setattr(roofline, "measure_batch_images", quick)
     code = main(["perf", "--model", "tiny-random", "--population", "2", "--shots", "1", "--classes", "3",
                  "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--dtype-model", "tiny-random",
-                 "--dtype-images", "3", "--dtype-population", "2", "--max-batch-images", "32", "--json"])
+                 "--dtype-images", "3", "--dtype-population", "2", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert set(TARGETS) <= set(result)
+    chunks = result["setup"]["chunks"]
+    assert chunks["measured"] in (16, 32) and chunks["formula"] % 32 == 0  # measured among the two; the formula's
     assert all(math.isfinite(result[name]) and result[name] > 0 for name in TARGETS)
     setup = result["setup"]
     assert (setup["population"], setup["text_population"], setup["images"], setup["classes"]) == (2, 5, 3, 3)
