@@ -9,8 +9,8 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
     seeds = [0, 1]
     variants = ["joint", "text"]
     intrinsic_dims = [500]          # d_text = d_vision = d
-    baselines = ["zero-shot", "ensemble", "coop", "linear-probe"]
-    whitebox_model = "embedded"     # only with it: CoOp and the linear probe (white-box)
+    baselines = ["zero-shot", "ensemble", "coop", "same-shape", "linear-probe"]
+    whitebox_model = "embedded"     # only with it: CoOp, same-shape and the linear probe (white-box)
     preset = "paper"                # where every setting not given comes from (client/config.py)
 
 Settings shared by every cell (popsize, sigma, shots, val_shots, template, loss, visual_prompt_position,
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 API_BASELINES = ("zero-shot", "ensemble")
-WHITEBOX_BASELINES = ("coop", "linear-probe")
+WHITEBOX_BASELINES = ("coop", "same-shape", "linear-probe")
 BASELINES = API_BASELINES + WHITEBOX_BASELINES
 DEFAULT_ENSEMBLE = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.", "a photo of the {}.")
 
@@ -117,6 +117,9 @@ class Grid:
                 for name in names:
                     if name == "coop":  # same shape as the black-box text context
                         out += [Cell(task, "white-box", "coop", "text", seed, 0, nt, 0) for nt in self.n_ctx_text]
+                    elif name == "same-shape":  # one ceiling per prompt form the black-box cells tune
+                        shapes = dict.fromkeys((v, nt, nv) for v in self.variants for nt in self.n_ctx_text for nv in self.n_ctx_vision)
+                        out += [Cell(task, "white-box", name, v, seed, 0, nt, nv) for v, nt, nv in shapes]
                     else:
                         kind = "white-box" if name in WHITEBOX_BASELINES else "api"
                         out.append(Cell(task, kind, name, "-", seed, 0, 0, 0))
@@ -163,7 +166,8 @@ class Cell:
             template=grid.template,
             loss=grid.loss,
             visual_prompt_position=grid.visual_prompt_position,
-            text_context=grid.text_context if self.kind == "blackbox" else "shared",  # baselines tune no context
+            # baselines tune no context through the API (same-shape reads the grid's form in-process)
+            text_context=grid.text_context if self.kind == "blackbox" else "shared",
             variant=self.variant if self.kind == "blackbox" else "text",
             shots=grid.shots,
             val_shots=grid.val_shots,
@@ -172,7 +176,7 @@ class Cell:
     def key(self, grid: Grid, model_id: str) -> str:
         """File name: readable fields and a hash of everything that shapes the result."""
         settings = grid.shared()
-        if self.kind == "blackbox" and self.variant != "vision" and grid.text_context != "shared":
+        if (self.kind == "blackbox" or self.method == "same-shape") and self.variant != "vision" and grid.text_context != "shared":
             # only the tuned text context depends on it; keyed only when set, so cells cached before it existed stay valid
             settings["text_context"] = grid.text_context
         blob = json.dumps({"cell": asdict(self), "grid": settings, "model": model_id}, sort_keys=True, default=list)
@@ -181,6 +185,8 @@ class Cell:
         parts = [safe_task, self.method, self.variant.replace("-", "none"), f"s{self.seed}"]
         if self.kind == "blackbox":
             parts += [f"d{self.d}", f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
+        elif self.method == "same-shape":
+            parts += [f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
         return "__".join(parts + [digest])
 
 

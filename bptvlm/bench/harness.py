@@ -23,10 +23,10 @@ from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import write_atomic
 from bptvlm.client.config import task_template
 from bptvlm.client.data import TaskLike
-from bptvlm.client.projection import text_context_length
+from bptvlm.client.projection import text_context_length, visual_prompt_length
 from bptvlm.data import load_data
 
-from .grid import Cell, Grid
+from .grid import WHITEBOX_BASELINES, Cell, Grid
 from .report import write_plots, write_report
 from .runner import run_api_baseline, run_blackbox
 from .store import CellStore, flat_rows, write_tables
@@ -108,8 +108,8 @@ def run_grid(run: BenchRun) -> Outcome:
         model_id = str(metadata.parameters.get("model_id", metadata.name))
         limits = client.prompt_limits(metadata)
         clip: Any = None  # loaded when the first white-box cell runs
-        if not grid.whitebox_model and any(b in ("coop", "linear-probe") for b in grid.baselines):
-            logger.warning("no --whitebox-model: the white-box baselines (CoOp, linear probe) are skipped")
+        if not grid.whitebox_model and any(b in WHITEBOX_BASELINES for b in grid.baselines):
+            logger.warning("no --whitebox-model: the white-box baselines (CoOp, same-shape, linear probe) are skipped")
         cells = grid.baseline_cells(bool(grid.whitebox_model)) + grid.cells()
         keys = [c.key(grid, model_id) for c in cells]
         todo = [(c, k) for c, k in zip(cells, keys) if not store.done(k)]
@@ -164,12 +164,19 @@ def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: 
         return run_blackbox(client, limits, data, cell, grid, bar)
     if cell.kind == "api":
         return run_api_baseline(client, data, cell, grid)
+    from .sameshape import PromptShape, run_same_shape
     from .whitebox import run_coop, run_linear_probe
 
-    if cell.method == "coop":
+    if cell.method in ("coop", "same-shape"):
         template = task_template(cell.tune_config(grid), data)
         n_ctx = text_context_length(clip, cell.n_ctx_text or None, template)  # the black-box default, counted in-process
+    if cell.method == "coop":
         result = run_coop(clip, data, template, n_ctx, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
+    elif cell.method == "same-shape":
+        placement = str(grid.visual_prompt_position)
+        shape = PromptShape(cell.variant, str(grid.text_context), n_ctx,
+                            visual_prompt_length(limits, cell.n_ctx_vision or None, placement), placement)
+        result = run_same_shape(clip, data, template, shape, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
     else:
         result = run_linear_probe(clip, data, seed=cell.seed)
     zero = {"queries": 0, "requests": 0, "image_forwards": 0, "price": 0.0, "eval_queries": 0, "eval_requests": 0,

@@ -36,6 +36,8 @@ def label(g: Group, varied: set[str]) -> str:
         return " ".join([method, variant, *extra])
     if method == "coop":
         return f"CoOp (white-box) ctx={nt}" if "n_ctx" in varied else "CoOp (white-box)"
+    if method == "same-shape":
+        return " ".join([f"same shape {variant} (white-box)", *[f"ctx={nt}/{nv}"] * ("n_ctx" in varied)])
     return {"linear-probe": "linear probe (white-box)"}.get(method, method)
 
 
@@ -108,6 +110,29 @@ def mean_over_tasks(summary: dict[Group, dict[int, dict[str, Any]]], budgets: li
     return "\n".join(lines)
 
 
+def ceiling_of(g: Group) -> Group:
+    """The same-shape white-box group of a black-box group (its prompt form trained by gradient)."""
+    task, _, _, variant, _, nt, nv = g
+    return (task, "white-box", "same-shape", variant, 0, nt, nv)
+
+
+def ceiling_table(summary: dict[Group, dict[int, dict[str, Any]]], budgets: list[int], varied: set[str]) -> str:
+    """Markdown: black-box method | budget columns, each the mean over tasks of black-box test accuracy /
+    its same-shape white-box ceiling's (per task, seed means); '' where a task has no ceiling."""
+    ratios: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    n_tasks = len({g[0] for g in summary})
+    for g, per_budget in summary.items():
+        ceiling = summary.get(ceiling_of(g)) if g[1] == "blackbox" else None
+        if ceiling and ceiling[0]["test_accuracy_mean"] > 0:
+            for b, s in per_budget.items():
+                ratios[g[1:]][b].append(s["test_accuracy_mean"] / ceiling[0]["test_accuracy_mean"])
+    lines = ["| method | " + " | ".join(f"{b} q" for b in budgets) + " |", "|" + "---|" * (1 + len(budgets))]
+    for m in sorted(ratios, key=lambda m: _order(("",) + m)):  # type: ignore[arg-type]
+        cells = [f"{np.mean(ratios[m][b]):.2f}" if len(ratios[m].get(b, [])) == n_tasks else "" for b in budgets]
+        lines.append(f"| {label(('',) + m, varied)} | " + " | ".join(cells) + " |")  # type: ignore[arg-type]
+    return "\n".join(lines) if ratios else ""
+
+
 def cost_table(summary: dict[Group, dict[int, dict[str, Any]]], budgets: list[int], varied: set[str]) -> str:
     """Markdown: queries and wall time to 90% of the final accuracy, and the full run's cost units."""
     lines = [
@@ -138,6 +163,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], header: str, budgets: li
         "validation split (best candidate seen, the optimizer's recommendation or the untuned template, by validation "
         "accuracy, ties by loss); test is only scored. `fixed`: baselines, which spend no training queries.\n\n" + accuracy_table(summary, budgets, varied),
         "## Mean over tasks (%)\n\n" + mean_over_tasks(summary, budgets, varied),
+        *(["## Black-box as a fraction of its same-shape white-box ceiling\n\nEach black-box column's test accuracy "
+           "divided by that of the same prompt form (towers, text-context form, lengths, placement) trained in-process by "
+           "gradient (`same-shape`), per task, then the mean over tasks.\n\n" + table]
+          if (table := ceiling_table(summary, budgets, varied)) else []),
         "## Queries and wall time to 90% of the final accuracy\n\n"
         "First checkpoint budget whose mean test accuracy is >= 0.9 x the mean at the largest budget (so at most the "
         "resolution of the budgets). Cost units are the full run's means per seed: HTTP requests, image forwards "

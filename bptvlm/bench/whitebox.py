@@ -59,12 +59,14 @@ class CoOpText:
         self.ctx = torch.zeros_like(self.init, requires_grad=True)  # [n_ctx, D]
 
     def features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised text features ``[C, E]`` (``ctx`` defaults to the trainable one; grads flow)."""
+        """Normalised text features ``[C, E]`` (``ctx`` defaults to the trainable one; grads flow).
+
+        ``ctx``: ``[n_ctx, D]`` shared by every class, or ``[C, n_ctx, D]`` one per class."""
         ctx = self.ctx if ctx is None else ctx
         emb = self.text.embeddings
         tokens = emb.token_embedding(self.ids)  # [C, L, D]
         c, seq, _ = tokens.shape
-        full = (self.init + ctx).unsqueeze(0).expand(c, -1, -1)  # [C, n_ctx, D]
+        full = (self.init + ctx).expand(c, -1, -1)  # [C, n_ctx, D]
         x = torch.cat([tokens[:, :1], full, tokens[:, 1 + self.n_ctx :]], dim=1)
         x = x + emb.position_embedding(emb.position_ids[:, :seq])
         mask = create_causal_mask(config=self.text.config, inputs_embeds=x, attention_mask=None, cache=None)

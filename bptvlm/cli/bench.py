@@ -21,10 +21,11 @@ paper's unit (candidates evaluated), next to HTTP requests, image forwards (as t
 wall time and a simulated price; validation/test evaluations are counted apart.
 
 Baselines in the same tables, on the same images: zero-shot with the task's template and an ensemble of
-templates (averaged logits), both through the API; CoOp (gradient-trained text context of the same
-shape) and a linear probe on frozen image features, both WHITE-BOX (the ceiling, not competitors) and
-run only when the served model is available in-process (--whitebox-model, checked to be the same
-weights).
+templates (averaged logits), both through the API; CoOp (gradient-trained shared text context of the
+same length), same-shape (each black-box cell's own prompt form: text-context form, visual prompt and
+placement, trained by gradient; the report gives black-box as a fraction of it) and a linear probe on
+frozen image features, all WHITE-BOX (the ceiling, not competitors) and run only when the served model
+is available in-process (--whitebox-model, checked to be the same weights).
 
 Writes OUT/results.csv (one row per cell and checkpoint budget), results.jsonl, report.md and
 plot_<task>_<variant>.png. Resumable: each finished cell is saved atomically in OUT/cells/, and rerunning
@@ -88,7 +89,7 @@ def add_commands(subparsers: Any) -> None:
     st.add_argument("--price-per-1k-image-forwards", dest="price_per_1k_image_forwards", type=float,
                     help="simulated price of 1,000 image forwards (default: 0.01)")
     bl = p.add_argument_group("baselines")
-    bl.add_argument("--baselines", help="zero-shot, ensemble, coop, linear-probe, or none (default: all; the white-box "
+    bl.add_argument("--baselines", help="zero-shot, ensemble, coop, same-shape, linear-probe, or none (default: all; the white-box "
                     "ones need --whitebox-model)")
     bl.add_argument("--ensemble-templates", dest="ensemble_templates", help="templates averaged by 'ensemble', '|'-separated")
     bl.add_argument("--whitebox-model", "--model-dir", dest="whitebox_model", metavar="SPEC",

@@ -123,7 +123,7 @@ def test_grid_file_and_flags(tmp_path: Path) -> None:
     assert grid.budgets == (250, 500) and grid.seeds == (3,) and grid.tasks == ("shape", "count")
     assert len(grid.cells()) == 2 * 1 * 2 * 1
     assert [c.method for c in grid.baseline_cells(whitebox=False)] == ["zero-shot", "ensemble"] * 2
-    assert {c.method for c in grid.baseline_cells(whitebox=True)} == {"zero-shot", "ensemble", "coop", "linear-probe"}
+    assert {c.method for c in grid.baseline_cells(whitebox=True)} == {"zero-shot", "ensemble", "coop", "same-shape", "linear-probe"}
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_grid({"tasks": "shape", "optimizers": "CMAA"})
     with pytest.raises(ValueError, match="unknown key 'budget'"):
@@ -147,6 +147,9 @@ def test_text_context_reaches_the_cells_and_keys_only_when_set() -> None:
     assert text.key(grid, "m") != text.key(mixed, "m")
     assert vision.key(grid, "m") == vision.key(mixed, "m")  # no text context to tune: the same result
     for baseline in grid.baseline_cells(whitebox=True):
+        if baseline.method == "same-shape":  # trains the grid's text-context form in-process
+            assert (baseline.key(grid, "m") == baseline.key(mixed, "m")) == (baseline.variant == "vision")
+            continue
         assert baseline.key(grid, "m") == baseline.key(mixed, "m")
         assert baseline.tune_config(mixed).text_context == "shared"  # d = 0 baselines cannot split a mixed context
 
