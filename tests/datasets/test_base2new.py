@@ -94,7 +94,9 @@ def test_tune_base2new_on_a_coop_layout_then_eval_on_another_data_set(
     # cross-data-set transfer: the prompt tuned on pets, tested on DTD's classes with `eval --dataset`
     assert _run(app_http, monkeypatch, ["eval", "--dataset", "DTD", "--data-root", root, "--prompts", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["num_test"] == 8 and result["eval_queries"] == 2 and 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["num_test"] == 8 and result["eval_queries"] == 3 and 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["template"] == "a photo of a {}, a type of pet." and result["data_template"] == "{} texture."
+    assert 0.0 <= result["zero_shot_accuracy_data_template"] <= 1.0
     assert pets.class_names[0] == "abyssinian"
 
 
@@ -107,3 +109,17 @@ def test_tune_errors_name_the_data_set_file(app_http: TestClient, tmp_path: Path
     assert "eurosat/split_zhou_EuroSAT.json not found; get split_zhou_EuroSAT.json from https://drive.google.com" in caplog.text
     code = _run(app_http, monkeypatch, ["tune", "--dataset", "EuroSAT", "--task", "shape", *SMALL, "--out", str(tmp_path / "r2")])
     assert code == common.EXIT_USAGE and "give one of --data, --task or --dataset, not --task and --dataset" in caplog.text
+
+
+def test_a_dataset_run_resumes_from_its_own_settings(app_http: TestClient, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume takes --dataset and --data-root from the checkpoint; a larger --budget extends the run."""
+    write_layout("FGVCAircraft", tmp_path / "DATA")
+    out = tmp_path / "run"
+    small = [a for a in SMALL if a not in ("--budget", "20")]
+    assert _run(app_http, monkeypatch, ["tune", "--preset", "paper", "--dataset", "Aircraft", "--data-root",
+                                        str(tmp_path / "DATA"), *small, "--budget", "10", "--out", str(out)]) == 0  # fmt: skip
+    assert _run(app_http, monkeypatch, ["tune", "--resume", str(out), "--budget", "15", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["dataset"], s["train_queries"], s["template"]) == ("FGVCAircraft", 15, "a photo of a {}, a type of aircraft.")
+    assert s["class_names"] == ["707-320", "727-200", "A300B4", "F-16A/B"] and s["num_test"] == 8
