@@ -153,10 +153,32 @@ def dry_run(grid: Any) -> int:
     for task in grid.tasks:
         try:
             check_source(task, data_root=grid.data_root)
-            print(f"data {task}: found")
+            print(f"data {task}: found{_sizes(task, grid)}")
         except (DataError, ValueError, OSError) as exc:
             print(f"data {task}: MISSING: {exc}")
     return EXIT_OK
+
+
+IMAGE_BYTES_224 = 224 * 224 * 3  # one uploaded image at ViT-B/32's 224 px
+
+
+def _sizes(task: str, grid: Any) -> str:
+    """A data set's images a run uploads (training shots, test split) and their bytes at 224 px."""
+    from bptvlm.data import is_dataset
+
+    if not is_dataset(task):
+        return ""
+    from bptvlm.client.datasets import open_dataset
+
+    dataset = open_dataset(task, grid.data_root)
+    train = grid.shots * len(dataset.class_names)
+    test = len(dataset.splits.items["test"])
+    if grid.dataset_test_per_class:
+        test = min(test, grid.dataset_test_per_class * len(dataset.class_names))
+    mib = max(train, test) * IMAGE_BYTES_224 / 2**20
+    return (f": {len(dataset.class_names)} classes, up to {train} training and {test} test images (the largest upload "
+            f"{mib:,.0f} MiB at 224 px; the server's defaults take 256 MiB a request (--max-body-bytes), 4,096 images "
+            "a batch (BPTVLM_MAX_IMAGES) and 1 GiB of cached images (BPTVLM_IMAGE_CACHE_BYTES))")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
