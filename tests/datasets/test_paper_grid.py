@@ -50,8 +50,8 @@ def test_a_paper_size_cell_base2new_through_a_server(tmp_path: Path) -> None:
     write_layout("Caltech101", tmp_path / "DATA")  # 4 classes: 2 base, 2 new
     out = tmp_path / "bench"
     with local_server("tiny-random", timeout=120) as url:
-        # DiagonalCMA: pycma's full CMA-ES at d = 1000 costs ~50 s of client CPU here (its 3,600-query paper run
-        # is tests/client/test_client_e2e.py's); the grid's shapes, budget and protocol are the paper's
+        # DiagonalCMA: pycma's full CMA-ES at d = 1000 is most of a 3,600-query run's client CPU on this machine
+        # (its paper run is tests/client/test_client_e2e.py's); the grid's shapes, budget and protocol are the paper's
         cmd = [sys.executable, "-m", "bptvlm.cli", "bench", "--grid", "paper", "--endpoint", url, "--tasks", "Caltech101",
                "--optimizers", "DiagonalCMA", "--seeds", "1", "--shots", "2", "--val-shots", "1", "--protocol", "base2new",
                "--data-root", str(tmp_path / "DATA"), "--out", str(out), "--no-progress"]  # fmt: skip
