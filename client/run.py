@@ -211,6 +211,11 @@ def _protocol_finish(result: TuneResult, client: ClipClient, new: TaskLike | Non
         from .base2new import add_new_classes
 
         result.summary = add_new_classes(result.summary, client, new, setup.config, setup.template, result.prompts, out)
+        path = out / CHECKPOINT_FILE if out is not None else None
+        if path is not None and path.is_file():  # a finished run re-reported by --resume shows the same summary
+            state = load_checkpoint(path)
+            if state.done:
+                save_checkpoint(path, replace(state, summary=result.summary))
     return result
 
 

@@ -82,6 +82,9 @@ def test_tune_base2new_on_a_coop_layout_then_eval_on_another_data_set(
         harmonic_mean(s["base_accuracy"], s["new_accuracy"]))
     assert s["zero_shot_harmonic_mean"] == pytest.approx(harmonic_mean(s["base_zero_shot_accuracy"], s["new_zero_shot_accuracy"]))
     assert s["train_queries"] == 20
+    from bptvlm.client.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoint.pkl").summary == s  # what `tune --resume` re-reports
     # the new classes' accuracy is the saved prompt's on their test images, as `eval` computes it
     full = __import__("bptvlm.data", fromlist=["load_data"]).load_data(
         "OxfordPets", seed=1, shots=2, val_shots=1, image_size=app_http.get("/v2/models/clip").json()["parameters"]["prompt"]["image_size"],
