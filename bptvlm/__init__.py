@@ -9,7 +9,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def tune(endpoint: str, data: Any, **kwargs: Any) -> Any:
+def tune(endpoint: str, data: Any = None, **kwargs: Any) -> Any:
     """See ``bptvlm.api.tune``."""
     from .api import tune as _tune
 

@@ -2,6 +2,7 @@
 
     import bptvlm
     result = bptvlm.tune("http://127.0.0.1:8000", "shape", budget=300)   # a built-in task, a folder, or arrays
+    result = bptvlm.tune(url, dataset="OxfordPets", data_root="DATA", protocol="base2new")  # a benchmark by name
     result.summary["test_accuracy"], result.prompts["text_context"].shape, result.history[-1]["best_loss"]
 
 No files are written unless ``out`` is given.
@@ -17,7 +18,8 @@ from typing import Any
 from bptvlm.client.data import FewShotData, TaskLike
 
 DataLike = str | Path | TaskLike | Mapping[str, Any]
-"""A built-in task name, an ImageFolder directory, a ``FewShotData``, or a mapping with its fields
+"""A built-in task name, an ImageFolder directory, a benchmark's name (``OxfordPets``, read under the
+``data_root`` setting), a ``FewShotData``, or a mapping with its fields
 (``class_names``, ``train_images`` uint8 [N, H, W, 3], ``train_labels`` [N], ``test_images``,
 ``test_labels``, optionally ``val_images``/``val_labels``/``template``)."""
 
@@ -28,12 +30,17 @@ def _key(api_key: str | None) -> str | None:
     return api_key or os.environ.get(API_KEY_ENV) or None
 
 
-def _data(data: DataLike, config: Any, image_size: int) -> TaskLike:
-    from bptvlm.data import load_data
+def _data(data: DataLike | None, config: Any, image_size: int) -> TaskLike:
+    from bptvlm.data import is_dataset, load_data
 
+    if data is None:
+        if config.dataset is None:
+            raise ValueError("no data: give data (a task, a folder, arrays) or dataset=NAME with data_root=DIR")
+        data = config.dataset
     if isinstance(data, (str, Path)):
+        folder = None if is_dataset(str(data)) else Path(data).is_dir() or None
         return load_data(str(data), seed=config.seed, shots=config.shots, val_shots=config.val_shots,
-                         image_size=image_size, folder=Path(data).is_dir() or None)  # fmt: skip
+                         image_size=image_size, folder=folder, data_root=config.data_root)  # fmt: skip
     if isinstance(data, Mapping):
         return FewShotData(**dict(data))
     return data
@@ -41,7 +48,7 @@ def _data(data: DataLike, config: Any, image_size: int) -> TaskLike:
 
 def tune(
     endpoint: str,
-    data: DataLike,
+    data: DataLike | None = None,
     *,
     out: str | Path | None = None,
     preset: str | None = None,
@@ -77,8 +84,11 @@ def tune(
 
 
 def evaluate(endpoint: str, prompts: str | Path, data: DataLike, *, api_key: str | None = None,
-             model: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Test accuracy of saved prompts (a ``prompts.safetensors``) and zero-shot on ``data``'s test split."""
+             model: str | None = None, force: bool = False, data_root: str | None = None) -> dict[str, Any]:
+    """Test accuracy of saved prompts (a ``prompts.safetensors``) and zero-shot on ``data``'s test split
+    (a benchmark's name is read under ``data_root``: cross-data-set transfer)."""
+    from bptvlm.data import is_dataset
+
     from bptvlm.client.api import ClipClient
     from bptvlm.client.evaluate import evaluate_saved
     from bptvlm.data import load_test_split
@@ -87,7 +97,8 @@ def evaluate(endpoint: str, prompts: str | Path, data: DataLike, *, api_key: str
     with ClipClient(endpoint, api_key=_key(api_key), model=model or DEFAULT_MODEL_NAME) as client:
         if isinstance(data, (str, Path)):
             size = client.prompt_limits().image_size
-            few_shot: TaskLike = load_test_split(str(data), image_size=size, folder=Path(data).is_dir() or None)
+            folder = None if is_dataset(str(data)) else Path(data).is_dir() or None
+            few_shot: TaskLike = load_test_split(str(data), image_size=size, folder=folder, data_root=data_root)
         else:
             few_shot = FewShotData(**dict(data)) if isinstance(data, Mapping) else data
         return evaluate_saved(client, prompts, few_shot, force=force)

@@ -18,6 +18,7 @@ from .projection import PLACEMENTS, TEXT_CONTEXTS
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 LOSSES = ("ce", "focal")
+PROTOCOLS = ("all", "base2new")
 # variant -> (tune text, tune vision)
 VARIANTS: dict[str, tuple[bool, bool]] = {"joint": (True, True), "text": (True, False), "vision": (False, True)}
 DEFAULT_N_CTX_TEXT = 8  # the paper's context length; longer only when the template prefix needs more tokens
@@ -60,6 +61,14 @@ class TuneConfig:
     eval_every: int | None = _f(None, "every this many training queries, the validation accuracy of the best-so-far "
                                 "prompt goes into progress.jsonl and curves.png (one evaluation query each, counted "
                                 "apart from the budget; default: a tenth of the budget; 0: never)")
+    dataset: str | None = _f(None, "a benchmark by name in CoOp's layout under --data-root (ImageNet, SUN397, Caltech101, "
+                             "OxfordPets, StanfordCars, Food101, DTD, EuroSAT, UCF101, Flowers102, FGVCAircraft); its "
+                             "splits, class names and CoOp's template; shots drawn as CoOp draws them for --seed")
+    data_root: str | None = _f(None, "the folder holding the --dataset folders (CoOp's $DATA: oxford_pets/, dtd/, ...; "
+                               "default: the environment variable BPTVLM_DATA_ROOT)")
+    protocol: str = _f("all", "all: tune and test on every class; base2new (CoCoOp's): tune on the first half of the "
+                       "classes by label and report base_accuracy, new_accuracy (the other half, never seen) and "
+                       "harmonic_mean", choices=PROTOCOLS)
 
     def __post_init__(self) -> None:
         from .strategies import check_strategy_name  # nevergrad, only when a config is built
@@ -80,6 +89,15 @@ class TuneConfig:
             raise ValueError(f"text_context 'mixed' splits d_text between a shared and a per-class part; d_text={self.d_text}")
         if self.template is not None:
             Template(self.template)
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, received {self.protocol!r}")
+        if self.protocol == "base2new" and self.dims()[0] and self.text_context != "shared":
+            raise ValueError(f"protocol 'base2new' tests on classes the run never sees: a {self.text_context!r} text context "
+                             "has vectors only for the tuned classes; use text_context 'shared' (--text-context shared)")
+        if self.dataset is not None:
+            from .datasets.registry import get_dataset
+
+            object.__setattr__(self, "dataset", get_dataset(self.dataset).name)  # one spelling in summaries and keys
         if self.dims() == (0, 0):
             raise ValueError(f"variant {self.variant!r} with these dims/n_ctx leaves nothing to tune")
 

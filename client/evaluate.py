@@ -45,7 +45,15 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike,
     task = RemoteTask(client, data, Template(meta["template"]), config)
     tuned = float(task.accuracies("test", saved.prompts())[0])
     zero_shot = float(task.accuracies("test", {})[0])
+    own: dict[str, Any] = {}
+    data_template = getattr(data, "template", None)
+    if data_template and data_template != meta["template"]:  # another data set's own template (cross-data-set transfer)
+        own_task = RemoteTask(client, data, Template(data_template), config)
+        own_task.meter = task.meter
+        own = {"data_template": data_template,
+               "zero_shot_accuracy_data_template": float(own_task.accuracies("test", {})[0])}
     return {
+        **own,
         "prompts": str(prompts_path),
         "model": model_id,
         "template": meta["template"],

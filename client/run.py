@@ -183,6 +183,7 @@ def start(
         logger.warning("--budget %d is below --popsize %d: one generation of %d candidates, cut short; the strategy "
                        "never sees a whole population", config.budget, config.popsize, config.budget)  # fmt: skip
     check_quota(client, config)
+    data, new = _protocol_split(data, config)
     setup = _setup(client, data, config, metadata)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,31 @@ def start(
     state = Checkpoint(config=asdict(setup.config), run_id=uuid.uuid4().hex, model_id=setup.model_id,
                        data_fingerprint=setup.fingerprint, template=setup.template.text, strategy=b"",
                        extra={"started_at": _now(), **(extra or {})})  # fmt: skip
-    return _execute(setup, out, state, strategy, progress, tensorboard)
+    return _protocol_finish(_execute(setup, out, state, strategy, progress, tensorboard), client, new, setup, out)
+
+
+def _protocol_split(data: TaskLike, config: TuneConfig) -> tuple[TaskLike, TaskLike | None]:
+    """``protocol`` base2new: (the base classes, the new classes' test split); else (data, None)."""
+    if config.protocol != "base2new":
+        return data, None
+    from .base2new import split_base_new
+
+    return split_base_new(data)
+
+
+def _protocol_finish(result: TuneResult, client: ClipClient, new: TaskLike | None, setup: _Setup,
+                     out: Path | None) -> TuneResult:
+    """base2new: the chosen prompt tested on the new classes too (summary and summary.json)."""
+    if new is not None:
+        from .base2new import add_new_classes
+
+        result.summary = add_new_classes(result.summary, client, new, setup.config, setup.template, result.prompts, out)
+        path = out / CHECKPOINT_FILE if out is not None else None
+        if path is not None and path.is_file():  # a finished run re-reported by --resume shows the same summary
+            state = load_checkpoint(path)
+            if state.done:
+                save_checkpoint(path, replace(state, summary=result.summary))
+    return result
 
 
 def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progress: bool = True, *,
@@ -215,6 +240,7 @@ def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progr
         logger.info("the run in %s is finished; nothing to resume", out)
         return state.summary
     check_quota(client, config, state.train_queries)
+    data, new = _protocol_split(data, config)
     setup = _setup(client, data, config)
     state.check(model_id=setup.model_id, data_fingerprint=setup.fingerprint, template=setup.template.text)
     logger.info("resuming %s at generation %d: %d of %d training queries spent",
@@ -222,7 +248,7 @@ def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progr
     strategy = state.load_strategy() if state.strategy else make_strategy(
         StrategySpec(setup.config.optimizer, setup.config.popsize, setup.projection.dimension, setup.config.budget,
                      setup.config.seed))  # fmt: skip
-    return _execute(setup, out, state, strategy, progress, tensorboard).summary
+    return _protocol_finish(_execute(setup, out, state, strategy, progress, tensorboard), client, new, setup, out).summary
 
 
 def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strategy, progress: bool,

@@ -16,17 +16,25 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
 Settings shared by every cell (popsize, sigma, shots, val_shots, template, loss, visual_prompt_position,
 text_context) have the names of ``TuneConfig``'s fields, which are also ``bptvlm tune``'s flags; what a
 grid leaves out, axes included, comes from its preset (default: ``default``, as for ``tune``).
+
+Benchmarks in CoOp's layout (``tasks = ["OxfordPets", "DTD"]``) are read under ``data_root``;
+``task_budgets`` (a TOML table, task -> queries) gives a task its own run length, read off at the
+grid's budgets below it and at its own; ``protocol = "base2new"`` tunes on the base classes and adds
+new-class accuracy and the harmonic mean to every row. ``bptvlm bench --grid paper`` is
+``grids/paper.toml``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 API_BASELINES = ("zero-shot", "ensemble")
 WHITEBOX_BASELINES = ("coop", "same-shape", "linear-probe")
 BASELINES = API_BASELINES + WHITEBOX_BASELINES
@@ -62,6 +70,10 @@ class Grid:
     price_per_1k_image_forwards: float = 0.01
     coop_steps: int = 300
     coop_lr: float = 0.002
+    data_root: str | None = None  # where data sets by name live (CoOp's $DATA); None: BPTVLM_DATA_ROOT
+    dataset_test_per_class: int = 0  # 0: a data set's whole test split (the paper's); N: a fixed N a class
+    protocol: str = "all"  # or "base2new" (CoCoOp's)
+    task_budgets: dict[str, int] = field(default_factory=dict)  # task -> its run's budget (default: max budgets)
 
     def __post_init__(self) -> None:
         from bptvlm.client.config import resolve_config  # validates names; no torch
@@ -79,6 +91,13 @@ class Grid:
         if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
             raise ValueError(f"budgets must be distinct positive query counts, received {list(self.budgets)}")
         object.__setattr__(self, "budgets", tuple(sorted(self.budgets)))
+        bad = {t: b for t, b in self.task_budgets.items() if int(b) < 1}
+        if bad:
+            raise ValueError(f"task_budgets {bad}: each budget must be >= 1")
+        unused = sorted(set(self.task_budgets) - set(self.tasks))
+        if unused:  # a file's table covers its tasks; --tasks may pick some of them
+            logger.info("task_budgets for tasks not in this grid, ignored: %s", ", ".join(unused))
+            object.__setattr__(self, "task_budgets", {t: b for t, b in self.task_budgets.items() if t in self.tasks})
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baseline {unknown[0]!r}; baselines are {', '.join(BASELINES)} (or none)")
@@ -94,6 +113,21 @@ class Grid:
     @property
     def max_budget(self) -> int:
         return self.budgets[-1]
+
+    def budgets_for(self, task: str) -> tuple[int, ...]:
+        """A task's checkpoint budgets: the grid's, or with ``task_budgets`` those below its own and its own."""
+        if task not in self.task_budgets:
+            return self.budgets
+        own = int(self.task_budgets[task])
+        return tuple(sorted({b for b in self.budgets if b < own} | {own}))
+
+    def all_budgets(self) -> tuple[int, ...]:
+        """Every checkpoint budget of any task (the report's columns)."""
+        return tuple(sorted({b for t in self.tasks for b in self.budgets_for(t)}))
+
+    def training_queries(self) -> int:
+        """Training queries of every black-box cell together (what a run of the whole grid spends on training)."""
+        return sum(self.budgets_for(c.task)[-1] for c in self.cells())
 
     def cells(self) -> list[Cell]:
         """Black-box cells, task-major (a run's first cells cover every task)."""
@@ -156,7 +190,7 @@ class Cell:
             grid.preset,
             optimizer=self.method if self.kind == "blackbox" else "CMA",
             popsize=grid.popsize,
-            budget=grid.max_budget,
+            budget=grid.budgets_for(self.task)[-1],
             seed=self.seed,
             d_text=max(self.d, 1),
             d_vision=max(self.d, 1),
@@ -171,6 +205,7 @@ class Cell:
             variant=self.variant if self.kind == "blackbox" else "text",
             shots=grid.shots,
             val_shots=grid.val_shots,
+            protocol=grid.protocol,
         )
 
     def key(self, grid: Grid, model_id: str) -> str:
@@ -179,6 +214,12 @@ class Cell:
         if (self.kind == "blackbox" or self.method == "same-shape") and self.variant != "vision" and grid.text_context != "shared":
             # only the tuned text context depends on it; keyed only when set, so cells cached before it existed stay valid
             settings["text_context"] = grid.text_context
+        if self.task in grid.task_budgets:  # keyed only when set, as above
+            settings["budgets"] = list(grid.budgets_for(self.task))
+        if grid.protocol != "all":
+            settings["protocol"] = grid.protocol
+        if grid.dataset_test_per_class:
+            settings["dataset_test_per_class"] = grid.dataset_test_per_class
         blob = json.dumps({"cell": asdict(self), "grid": settings, "model": model_id}, sort_keys=True, default=list)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         safe_task = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.task)[-40:]
@@ -194,6 +235,10 @@ def _coerce(name: str, value: Any) -> Any:
     """A grid field from a TOML value or a comma-separated flag."""
     types = {f.name: f.type for f in fields(Grid)}
     kind = str(types[name])
+    if kind.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ValueError(f"grid key {name!r} must be a TOML table (task = queries), received {value!r}")
+        return {str(k): int(v) for k, v in value.items()}
     if kind.startswith("tuple"):
         items = value.split(",") if isinstance(value, str) else list(value)
         items = [i.strip() if isinstance(i, str) else i for i in items if not (isinstance(i, str) and not i.strip())]
@@ -213,9 +258,24 @@ GRID_FIELDS = tuple(f.name for f in fields(Grid))
 FILE_ONLY = {"endpoint", "out", "model", "api_key_env"}  # run settings a grid file may carry besides the grid
 
 
+GRIDS_DIR = Path(__file__).parent / "grids"
+
+
+def grid_path(spec: str | Path) -> Path:
+    """A grid file, or the name of one shipped in ``bptvlm/bench/grids`` (``paper``)."""
+    path = Path(spec)
+    if path.is_file() or path.suffix == ".toml" or "/" in str(spec):
+        return path
+    shipped = GRIDS_DIR / f"{spec}.toml"
+    if not shipped.is_file():
+        names = ", ".join(sorted(p.stem for p in GRIDS_DIR.glob("*.toml")))
+        raise ValueError(f"--grid {spec}: no such file, and no shipped grid of that name (shipped: {names})")
+    return shipped
+
+
 def load_grid_file(path: str | Path) -> dict[str, Any]:
-    """The TOML file as a dict (YAML is not supported: TOML is in the standard library)."""
-    path = Path(path)
+    """The TOML file (or a shipped grid's name) as a dict (YAML is not supported: TOML is in the standard library)."""
+    path = grid_path(path)
     with path.open("rb") as f:
         data = tomllib.load(f)
     unknown = sorted(set(data) - set(GRID_FIELDS) - FILE_ONLY)

@@ -117,24 +117,22 @@ def run_grid(run: BenchRun) -> Outcome:
                                                    "command": run.command}))
         logger.info("%d cells: %d finished earlier, %d to run (model %s)", len(cells), len(cells) - len(todo), len(todo), model_id)
         ran, interrupted = 0, False
-        data_cache: dict[tuple[str, int], TaskLike] = {}
+        data_cache: dict[tuple[str, int], tuple[TaskLike, TaskLike | None]] = {}
         show = run.progress and sys.stderr.isatty()
         cell_bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", desc="cells", disable=not show, position=0)
-        n_bb = sum(1 for c, _ in todo if c.kind == "blackbox")
-        query_bar = tqdm(total=n_bb * grid.max_budget, unit="query", desc="queries", disable=not show, position=1)
+        query_bar = tqdm(total=sum(grid.budgets_for(c.task)[-1] for c, _ in todo if c.kind == "blackbox"), unit="query",
+                         desc="queries", disable=not show, position=1)
         try:
             for cell, key in todo:
                 cell_bar.set_postfix_str(f"{cell.task} {cell.method} {cell.variant} s{cell.seed}")
-                data = data_cache.get((cell.task, cell.seed))
-                if data is None:
-                    data = load_data(cell.task, seed=cell.seed, shots=grid.shots, val_shots=grid.val_shots,
-                                     test_per_class=grid.test_per_class, image_size=limits.image_size)  # fmt: skip
-                    data_cache[(cell.task, cell.seed)] = data
+                if (cell.task, cell.seed) not in data_cache:
+                    data_cache[(cell.task, cell.seed)] = _load(grid, cell, limits.image_size)
+                data, new = data_cache[(cell.task, cell.seed)]
                 if cell.kind == "white-box" and clip is None:
                     assert grid.whitebox_model
                     clip = _whitebox_model(grid.whitebox_model, limits)
                 t0 = time.perf_counter()
-                rows = _run_cell(client, limits, clip, data, cell, grid, query_bar)
+                rows = _run_cell(client, limits, clip, data, cell, grid, query_bar, new)
                 record = {"cell": asdict(cell), "model": model_id, "rows": rows, "cell_wall_s": round(time.perf_counter() - t0, 3),
                           "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
                 store.save(key, record)
@@ -159,11 +157,24 @@ def run_grid(run: BenchRun) -> Outcome:
     return Outcome(ran=ran, skipped=len(cells) - len(todo), left=left, rows=rows, wall_s=wall)
 
 
-def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: Cell, grid: Grid, bar: Any) -> list[dict[str, Any]]:
+def _load(grid: Grid, cell: Cell, image_size: int) -> tuple[TaskLike, TaskLike | None]:
+    """A cell's data (base2new: the base classes) and, for base2new, the new classes' test split."""
+    data = load_data(cell.task, seed=cell.seed, shots=grid.shots, val_shots=grid.val_shots, test_per_class=grid.test_per_class,
+                     image_size=image_size, data_root=grid.data_root,
+                     dataset_test_per_class=grid.dataset_test_per_class or None)  # fmt: skip
+    if grid.protocol != "base2new":
+        return data, None
+    from bptvlm.client.base2new import split_base_new
+
+    return split_base_new(data)
+
+
+def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: Cell, grid: Grid, bar: Any,
+              new: TaskLike | None = None) -> list[dict[str, Any]]:
     if cell.kind == "blackbox":
-        return run_blackbox(client, limits, data, cell, grid, bar)
+        return run_blackbox(client, limits, data, cell, grid, bar, new)
     if cell.kind == "api":
-        return run_api_baseline(client, data, cell, grid)
+        return run_api_baseline(client, data, cell, grid, new)
     from .sameshape import PromptShape, run_same_shape
     from .whitebox import run_coop, run_linear_probe
 
@@ -205,5 +216,5 @@ def _write_outputs(run: BenchRun, rows: list[dict[str, Any]], model_id: str, rec
         f"- price: {run.grid.price_per_1k_image_forwards} per 1k image forwards (simulated)",
     ])
     if rows:
-        write_report(run.out, rows, header, list(run.grid.budgets))
+        write_report(run.out, rows, header, list(run.grid.all_budgets()))
         write_plots(run.out, rows)

@@ -19,6 +19,7 @@ COLUMNS = (
     "task", "optimizer", "variant", "seed", "budget", "queries", "val_accuracy", "test_accuracy", "wall_s",
     "requests", "image_forwards", "price", "eval_queries", "eval_requests", "eval_image_forwards", "eval_wall_s",
     "kind", "d", "n_ctx_text", "n_ctx_vision", "val_loss", "train_loss", "selected", "model",
+    "base_accuracy", "new_accuracy", "harmonic_mean",
 )  # fmt: skip
 
 

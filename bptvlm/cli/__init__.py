@@ -73,7 +73,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", help="comma-separated task names (default: the suite, every task `bptvlm tasks list` "
                    "marks 'suite')")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the table averages over them (default: %(default)s)")
-    add_config_flags(p.add_argument_group("tuning (defaults from --preset)"), skip=("seed",))
+    add_config_flags(p.add_argument_group("tuning (defaults from --preset)"), skip=("seed", "dataset", "data_root", "protocol"))
     p.add_argument("--out", default="runs/demo", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)

@@ -62,10 +62,21 @@ def add_commands(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("grid (comma-separated lists; or --grid FILE)")
-    src.add_argument("--grid", metavar="FILE.toml", type=Path, help="read the grid (and endpoint/out) from a TOML file")
+    src.add_argument("--grid", metavar="FILE.toml", help="read the grid (and endpoint/out) from a TOML file, or a shipped "
+                     "grid by name: 'paper' (BPT-VLM's table: its nine data sets, budgets and seeds 1-3)")
+    src.add_argument("--dry-run", dest="dry_run", action="store_true",
+                     help="list the cells and the training queries they would spend, and whether each task's data is "
+                     "found; ask no server")
     src.add_argument("--preset", choices=list(PRESETS),
                      help=f"where every setting and axis not given comes from, as for `tune` (default: {DEFAULT_PRESET})")
-    src.add_argument("--tasks", help="built-in task names (`bptvlm tasks list`) or ImageFolder directories")
+    src.add_argument("--tasks", help="built-in task names (`bptvlm tasks list`), ImageFolder directories or data sets "
+                     "by name in CoOp's layout under --data-root (OxfordPets, DTD, ...)")
+    src.add_argument("--data-root", dest="data_root", metavar="DIR",
+                     help="where data sets by name live (CoOp's $DATA; default: the environment variable BPTVLM_DATA_ROOT)")
+    src.add_argument("--protocol", choices=["all", "base2new"],
+                     help="base2new: tune on the first half of the classes, report base, new and harmonic mean (default: all)")
+    src.add_argument("--dataset-test-per-class", dest="dataset_test_per_class", type=int,
+                     help="test images a class of a data set by name, a fixed draw (default: 0 = its whole test split)")
     src.add_argument("--optimizers", help="names in nevergrad's registry (default: the preset's)")
     src.add_argument("--budgets", help="checkpoint budgets in training queries; one run per cell up to the largest (default: 250,500,1000)")
     src.add_argument("--seeds", help="seeds of the few-shot sample, the projection and the optimizer (default: 0)")
@@ -119,13 +130,56 @@ def _values(args: argparse.Namespace) -> dict[str, Any]:
 
     values: dict[str, Any] = load_grid_file(args.grid) if args.grid else {}
     for key, value in vars(args).items():
-        if value is not None and key not in ("grid", "func", "command", "no_progress", "overwrite"):
+        if value is not None and key not in ("grid", "func", "command", "no_progress", "overwrite", "dry_run", "argv"):
             values[key] = value
     if isinstance(values.get("ensemble_templates"), str):
         values["ensemble_templates"] = values["ensemble_templates"].split("|")
     if "model" in values:
         values.setdefault("model_name", values.pop("model"))
     return values
+
+
+def dry_run(grid: Any) -> int:
+    """Print the grid's cells and the training queries they would spend; ask no server."""
+    from bptvlm.client.data import DataError
+    from bptvlm.data import check_source
+
+    cells = grid.cells()
+    print(f"{len(cells)} black-box cells, {len(grid.baseline_cells(bool(grid.whitebox_model)))} baseline cells "
+          f"({', '.join(grid.baselines) or 'none'}); protocol {grid.protocol}")
+    print("| task | optimizer | variant | seed | d | budgets |\n|---|---|---|---|---|---|")
+    for c in cells:
+        print(f"| {c.task} | {c.method} | {c.variant} | {c.seed} | {c.d} | {', '.join(map(str, grid.budgets_for(c.task)))} |")
+    print(f"total training queries: {grid.training_queries()} (evaluation queries apart)")
+    for task in grid.tasks:
+        try:
+            check_source(task, data_root=grid.data_root)
+            print(f"data {task}: found{_sizes(task, grid)}")
+        except (DataError, ValueError, OSError) as exc:
+            print(f"data {task}: MISSING: {exc}")
+    return EXIT_OK
+
+
+IMAGE_BYTES_224 = 224 * 224 * 3  # one uploaded image at ViT-B/32's 224 px
+
+
+def _sizes(task: str, grid: Any) -> str:
+    """A data set's images a run uploads (training shots, test split) and their bytes at 224 px."""
+    from bptvlm.data import is_dataset
+
+    if not is_dataset(task):
+        return ""
+    from bptvlm.client.datasets import open_dataset
+
+    dataset = open_dataset(task, grid.data_root)
+    train = grid.shots * len(dataset.class_names)
+    test = len(dataset.splits.items["test"])
+    if grid.dataset_test_per_class:
+        test = min(test, grid.dataset_test_per_class * len(dataset.class_names))
+    mib = max(train, test) * IMAGE_BYTES_224 / 2**20
+    return (f": {len(dataset.class_names)} classes, up to {train} training and {test} test images (the largest upload "
+            f"{mib:,.0f} MiB at 224 px; the server's defaults take 256 MiB a request (--max-body-bytes), 4,096 images "
+            "a batch (BPTVLM_MAX_IMAGES) and 1 GiB of cached images (BPTVLM_IMAGE_CACHE_BYTES))")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -138,8 +192,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         values = _values(args)
         grid = make_grid(values)
+        if args.dry_run:
+            return dry_run(grid)
         for task in grid.tasks:  # locally, before any server is asked: a name that is both a task and a folder fails
-            check_source(task)
+            check_source(task, data_root=grid.data_root)
     except (ValueError, KeyError, OSError) as exc:
         logger.error("%s", exc)
         return EXIT_USAGE

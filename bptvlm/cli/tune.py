@@ -21,7 +21,7 @@ _SOURCE_DESTS = ("data", "task", "test_fraction")  # the data flags a resumed ru
 
 
 def _add_data(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    group = parser.add_argument_group("data (one of --data or --task)")
+    group = parser.add_argument_group("data (one of --data, --task or --dataset)")
     source = group.add_mutually_exclusive_group(required=required)
     source.add_argument("--data", metavar="DIR",
                         help="ImageFolder: DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* (split once, "
@@ -69,12 +69,34 @@ def add_commands(subparsers: Any) -> None:
         "report tuned and zero-shot accuracy as JSON on stdout.",
     )
     add_connection(ev)
-    _add_data(ev, required=True)
+    _add_data(ev, required=False)
+    _add_dataset_flags(ev)
     ev.add_argument("--prompts", required=True, metavar="FILE",
                     help="REQUIRED: prompts.safetensors written by 'bptvlm tune' (or its run folder)")
     ev.add_argument("--force", action="store_true", help="apply prompts tuned on another model than the served one "
                     "(default: refuse; they are not meant for it)")
     ev.set_defaults(func=cmd_eval)
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """``--dataset`` and ``--data-root`` for ``eval`` (in ``tune`` they come from ``TuneConfig``), same help."""
+    from dataclasses import fields
+
+    from bptvlm.client.config import TuneConfig
+
+    helps = {f.name: f.metadata["help"] for f in fields(TuneConfig)}
+    parser.add_argument("--dataset", metavar="NAME", help=helps["dataset"] + "; cross-data-set transfer: prompts "
+                        "tuned on one benchmark, tested on another")
+    parser.add_argument("--data-root", dest="data_root", metavar="DIR", help=helps["data_root"])
+
+
+def _spec(args: argparse.Namespace) -> tuple[str, bool | None]:
+    """(data source, folder?) of --task, --data or --dataset; ``ValueError`` unless exactly one is given."""
+    given = [(flag, v) for flag, v in (("--data", args.data), ("--task", args.task), ("--dataset", args.dataset)) if v]
+    if len(given) != 1:
+        raise ValueError(f"give one of --data, --task or --dataset, not {' and '.join(f for f, _ in given)}" if given
+                         else "give the data: --data DIR, --task NAME or --dataset NAME")
+    return (args.task, False) if args.task else (args.data, True) if args.data else (args.dataset, False)
 
 
 def _source(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,8 +167,8 @@ def _adopt_run(args: argparse.Namespace) -> Any:
     for dest, key in (("endpoint", "endpoint"), ("served_model", "model")):  # the server may have moved: the command line wins
         if getattr(args, dest) is None and key in checkpoint.extra:
             setattr(args, dest, checkpoint.extra[key])
-    if not (args.data or args.task):
-        raise ValueError(f"the checkpoint in {args.resume} does not record its data; give --data or --task")
+    if not (args.data or args.task or args.dataset):
+        raise ValueError(f"the checkpoint in {args.resume} does not record its data; give --data, --task or --dataset")
     args.out = args.resume
     return checkpoint
 
@@ -164,9 +186,9 @@ def _print_summary(summary: dict[str, Any], out: str) -> None:
 def _load(args: argparse.Namespace, image_size: int, config: Any) -> Any:
     from bptvlm.data import load_data
 
-    spec, folder = (args.task, False) if args.task else (args.data, True)
+    spec, folder = _spec(args)
     return load_data(spec, seed=config.seed, shots=config.shots, val_shots=config.val_shots, image_size=image_size,
-                     test_fraction=args.test_fraction or 0.5, folder=folder)  # fmt: skip
+                     test_fraction=args.test_fraction or 0.5, folder=folder, data_root=config.data_root)  # fmt: skip
 
 
 def _clear_run(out: Path) -> None:
@@ -187,14 +209,14 @@ def _local_checks(args: argparse.Namespace) -> Any:
     from bptvlm.client.config import DEFAULT_PRESET, resolve_config
     from bptvlm.data import check_source
 
-    if not args.out or not (args.data or args.task):
-        missing = [flag for flag, value in (("--out", args.out), ("--data or --task", args.data or args.task)) if not value]
+    source = args.data or args.task or args.dataset
+    if not args.out or not source:
+        missing = [flag for flag, value in (("--out", args.out), ("--data, --task or --dataset", source)) if not value]
         raise ValueError(f"tune needs {' and '.join(missing)} (or --resume DIR)")
     config = resolve_config(args.preset or DEFAULT_PRESET, **given_config(args))
     common.check_out(args.out, overwrite=args.overwrite)
-    if args.task and args.data:
-        raise ValueError("give --data or --task, not both")
-    check_source(args.task or args.data, folder=not args.task)
+    spec, folder = _spec(args)
+    check_source(spec, folder=folder, data_root=config.data_root)
     return config
 
 
@@ -217,7 +239,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 _print_summary(checkpoint.summary, args.out)
                 return EXIT_OK
             config = resolve_config("paper", **{k: getattr(args, k) for k in config_flags()})  # the run's own
-            check_source(args.task or args.data, folder=not args.task)
+            spec, folder = _spec(args)
+            check_source(spec, folder=folder, data_root=config.data_root)
         else:
             config = _local_checks(args)
         args.endpoint = args.endpoint or common.DEFAULT_ENDPOINT
@@ -270,13 +293,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         common.check_endpoint(args.endpoint or common.DEFAULT_ENDPOINT)
         prompts = _prompts_path(args.prompts)
         load_prompts(prompts)  # readable, before the server is asked
-        check_source(args.task or args.data, folder=not args.task)
+        spec, folder = _spec(args)
+        check_source(spec, folder=folder, data_root=args.data_root)
         args.endpoint = args.endpoint or common.DEFAULT_ENDPOINT
         with common.make_client(args) as client:
             common.connect(client, args.wait)
             size = client.prompt_limits().image_size
-            spec, folder = (args.task, False) if args.task else (args.data, True)
-            data = load_test_split(spec, image_size=size, test_fraction=args.test_fraction or 0.5, folder=folder)
+            data = load_test_split(spec, image_size=size, test_fraction=args.test_fraction or 0.5, folder=folder,
+                                   data_root=args.data_root)
             print(json.dumps(evaluate_saved(client, prompts, data, force=args.force), indent=2))
         return EXIT_OK
 

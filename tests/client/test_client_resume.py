@@ -320,7 +320,7 @@ def test_cli_resume_takes_the_runs_flags_and_refuses_contradicting_ones(
     ("argv", "message"),
     [
         (["tune", "--task", "shape"], "tune needs --out"),
-        (["tune", "--out", "x"], "tune needs --data or --task"),
+        (["tune", "--out", "x"], "tune needs --data, --task or --dataset"),
         (["tune", "--resume", "NOWHERE"], "nothing to resume"),
         (["tune", "--resume", "a", "--out", "b"], "name different runs"),
     ],
