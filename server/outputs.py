@@ -38,6 +38,11 @@ class Degradation:
     decimals: int | None = None
     seed: int = 0  # the server's noise seed: with the request id it fixes the noise (keep it private)
 
+    def stricter(self, noise: float, decimals: int | None) -> Degradation:
+        """This degradation or a request's own, whichever is noisier and coarser (a caller cannot ask for less)."""
+        kept = [d for d in (self.decimals, decimals) if d is not None]
+        return Degradation(max(self.noise, noise), min(kept) if kept else None, self.seed)
+
     def generator(self, scope: int, request_id: str | None) -> np.random.Generator:
         """The noise generator of one request: fixed by (seed, key, id); fresh without an id."""
         if request_id is None:

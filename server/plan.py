@@ -22,7 +22,7 @@ from bptvlm.shared.tensors import datatype_of
 from .config import Settings
 from .images import ImageBatch
 from .model import PromptedCLIP, TextBatch
-from .policy import classification_counts
+from .policy import classification_counts, degradation_parameters
 
 # Accepted datatypes and ranks of every input (text_context: shared [P, n, D] or per class [P, C, n, D]).
 _INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
@@ -35,7 +35,7 @@ _INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 }
 JSON_BYTES_PER_FLOAT = 24  # "-1.2345678901234567e-05," : the longest a float32 prints as in a JSON list
 _KNOWN_PARAMETERS = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
-                     "binary_data_output"}
+                     "binary_data_output", p.PARAM_OUTPUT_NOISE, p.PARAM_OUTPUT_DECIMALS}
 
 
 @dataclass
@@ -305,7 +305,8 @@ class Planner:
         init = params.get(p.PARAM_CONTEXT_INIT)
         if init is not None:
             self._check_context_init(init, context)
-        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init}
+        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init,
+                **degradation_parameters(params)}
 
     def _check_context_init(self, init: Any, context: np.ndarray | None) -> None:
         name = p.PARAM_CONTEXT_INIT

@@ -147,3 +147,14 @@ def access(policy: OutputPolicy, decimals: int | None, noise: float) -> dict[str
     allowed = [o for o in _RICHNESS if o in policy.allowed]
     return p.OutputAccess(policy=policy.name, allowed=allowed, topk=policy.topk, decimals=decimals,
                           noise=noise).model_dump()
+
+
+def degradation_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The request's own ``output_noise`` (float >= 0) and ``output_decimals`` (int >= 0, or None), checked (400)."""
+    noise = params.get(p.PARAM_OUTPUT_NOISE, 0.0)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 1e6:
+        raise ProtocolError(f"parameter '{p.PARAM_OUTPUT_NOISE}' must be a number >= 0, received {noise!r}")
+    decimals = params.get(p.PARAM_OUTPUT_DECIMALS)
+    if decimals is not None and (isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 12):
+        raise ProtocolError(f"parameter '{p.PARAM_OUTPUT_DECIMALS}' must be a whole number in [0, 12], received {decimals!r}")
+    return {"output_noise": float(noise), "output_decimals": decimals}

@@ -206,8 +206,9 @@ class InferenceService:
             assert plan.images is not None
             batch, _ = self.images.put(plan.images, self._preprocess, scope, must_store=False)
         logits, forwards = self._run(plan, batch, scope)
-        noisy = self.degradation.noisy(logits, scope, plan.request_id)  # before anything is derived
-        return derive_outputs(noisy, plan, self.degradation), forwards
+        degradation = self.degradation.stricter(plan.params["output_noise"], plan.params["output_decimals"])
+        noisy = degradation.noisy(logits, scope, plan.request_id)  # before anything is derived
+        return derive_outputs(noisy, plan, degradation), forwards
 
     def _run(self, plan: RequestPlan, batch: ImageBatch, scope: int) -> tuple[torch.Tensor, int]:
         """Forward with out-of-memory recovery: free the cache, halve the micro-batch, try again."""

@@ -55,6 +55,10 @@ PARAM_VISUAL_PROMPT_POSITION = "visual_prompt_position"
 # Text whose token embeddings the server adds to text_context (zero-padded to n_ctx), so that a
 # context of zeros reproduces the hand-written template without the client ever seeing an embedding.
 PARAM_CONTEXT_INIT = "context_init"
+# A caller may ask for outputs degraded beyond the server's own (--output-noise, --output-decimals), never less:
+# the noisier and the coarser of the two apply (to simulate a stricter service without restarting one).
+PARAM_OUTPUT_NOISE = "output_noise"  # float >= 0: std of Gaussian noise on the logits
+PARAM_OUTPUT_DECIMALS = "output_decimals"  # int >= 0: float outputs rounded to this many decimals
 
 Parameters = dict[str, Any]
 
