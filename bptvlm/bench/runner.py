@@ -15,6 +15,7 @@ Units, side by side: ``queries`` = training candidates evaluated (the paper's un
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from bptvlm.client.api import ClipClient
 from bptvlm.client.config import Template, task_template
 from bptvlm.client.data import TaskLike
+from bptvlm.client.feedback import access_of, resolve_feedback
 from bptvlm.client.loop import LoopCallback, SearchState, run_search
 from bptvlm.client.objective import Meter, RemoteTask, accuracy
 from bptvlm.client.projection import PromptProjection, build_projection
@@ -78,7 +80,9 @@ def run_blackbox(
     config = cell.tune_config(grid)
     template = task_template(config, data)
     projection = build_projection(client, limits, config, template, len(data.class_names))
-    task = RemoteTask(client, data, template, config)
+    access = access_of(client.model_metadata())  # the key's output policy: the feedback it allows
+    config = replace(config, feedback=resolve_feedback(config.feedback, access))
+    task = RemoteTask(client, data, template, config, access=access)
     strategy = make_strategy(StrategySpec(config.optimizer, config.popsize, projection.dimension, config.budget, config.seed))
     marks = _Marks(task, projection, strategy, grid, bar)
 
