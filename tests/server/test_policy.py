@@ -229,3 +229,25 @@ def test_serve_flags_reach_the_settings() -> None:
     with pytest.raises(ValueError, match="topk:K"):
         Settings(outputs="top-3")
     assert json.loads(Settings(outputs="topk:03").model_dump_json())["outputs"] == "topk:3"
+
+
+def test_a_request_may_ask_for_more_degradation_never_less(full: TestClient) -> None:
+    clean = _arrays(_ask(full, "logits"))["logits"]
+    body, headers = encode_request(_inputs(), outputs=("logits",), parameters={"output_decimals": 1})
+    coarse = _arrays(full.post("/v2/models/clip/infer", content=body, headers=headers))["logits"]
+    np.testing.assert_array_equal(coarse, np.round(clean.astype(np.float64), 1).astype(np.float32))
+    with TestClient(create_app(Settings(device="cpu", output_decimals=1, ready_probe_s=0))) as client:
+        body, headers = encode_request(_inputs(), outputs=("logits",), parameters={"output_decimals": 4})
+        np.testing.assert_array_equal(_arrays(client.post("/v2/models/clip/infer", content=body, headers=headers))
+                                      ["logits"], coarse)  # the server's 1 decimal stands
+    body, headers = encode_request(_inputs(), outputs=("logits",), parameters={"output_noise": 0.5}, request_id="n1")
+    noisy = _arrays(full.post("/v2/models/clip/infer", content=body, headers=headers))["logits"]
+    assert 0.3 < (noisy - clean).std() < 0.7
+
+
+@pytest.mark.parametrize("params", [{"output_noise": -1}, {"output_noise": "x"}, {"output_decimals": 2.5},
+                                    {"output_decimals": -1}, {"output_decimals": True}], ids=str)
+def test_bad_degradation_parameters_are_400(full: TestClient, params: dict) -> None:
+    body, headers = encode_request(_inputs(), outputs=("logits",), parameters=params)
+    r = full.post("/v2/models/clip/infer", content=body, headers=headers)
+    assert r.status_code == 400 and list(params)[0] in r.json()["error"]
