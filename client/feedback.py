@@ -22,6 +22,7 @@ output policy (an older bptvlm) is taken to allow ``loss`` and ``logits``, as th
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,18 +129,22 @@ class Feedback:
 
     def loss(self, outputs: dict[str, np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:
         """Training loss [P] from a response's ``outputs`` and the labels [N]."""
-        labels = np.asarray(labels, dtype=np.int64)
-        if self.name == "loss":
-            return np.asarray(outputs[LOSS], dtype=np.float64)
-        if self.name == "label":
-            return np.asarray((outputs[LABEL] != labels[None, :]).mean(axis=1), dtype=np.float64)
-        if self.name == "topk":
-            values, indices = parse_top_k(outputs[TOPK])
-            p_y = top_k_true_probability(values, indices, labels, num_classes)
-        else:
-            probs = softmax(outputs[LOGITS]) if self.name == "logits" else outputs[PROBS]
-            p_y = np.take_along_axis(probs, labels[None, :, None].repeat(len(probs), 0), axis=-1)[..., 0]
-        return _picked_loss(p_y, self.loss_kind, self.gamma)
+        return _LOSSES[self.name](self, outputs, np.asarray(labels, dtype=np.int64), num_classes)
+
+
+def _true_class(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """p_y [P, N] from probabilities [P, N, C]."""
+    return np.take_along_axis(probs, labels[None, :, None].repeat(len(probs), 0), axis=-1)[..., 0]
+
+
+_Loss = Callable[[Feedback, dict[str, np.ndarray], np.ndarray, int], np.ndarray]
+_LOSSES: dict[str, _Loss] = {  # the registry of feedback objectives, one per name in FEEDBACKS
+    "logits": lambda f, o, y, c: _picked_loss(_true_class(softmax(o[LOGITS]), y), f.loss_kind, f.gamma),
+    "probs": lambda f, o, y, c: _picked_loss(_true_class(o[PROBS], y), f.loss_kind, f.gamma),
+    "loss": lambda f, o, y, c: np.asarray(o[LOSS], dtype=np.float64),
+    "topk": lambda f, o, y, c: _picked_loss(top_k_true_probability(*parse_top_k(o[TOPK]), y, c), f.loss_kind, f.gamma),
+    "label": lambda f, o, y, c: np.asarray((o[LABEL] != y[None, :]).mean(axis=1), dtype=np.float64),
+}
 
 
 def accuracy_output(access: OutputAccess) -> str | None:
