@@ -368,15 +368,18 @@ class ClipClient:
         outputs: Sequence[str] = (LOSS,),
         parameters: Mapping[str, Any] | None = None,
         request_id: str | None = None,
+        output_parameters: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> InferResult:
-        """One inference request; a population of P candidates is one request.
+        """One inference request; a population of P candidates is one request. ``output_parameters``:
+        output name -> its parameters (``{"topk": {"classification": 3}}``).
 
         inputs: name -> array, e.g. text_context float32 [P, n_ctx, D_t] (or [P, C, n_ctx, D_t]), image_batch bytes [1],
                 labels int64 [N], class_names bytes/str [C]
         """
         request_id = request_id or uuid.uuid4().hex
         body, headers = encode_request(
-            inputs, outputs=outputs, binary=self.binary, request_id=request_id, parameters=parameters
+            inputs, outputs=outputs, binary=self.binary, request_id=request_id, parameters=parameters,
+            output_parameters=output_parameters,
         )
         response = self._request(
             "POST", f"/v2/models/{self.model}/infer", content=body, headers=headers, request_id=request_id

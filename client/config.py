@@ -69,11 +69,23 @@ class TuneConfig:
     protocol: str = _f("all", "all: tune and test on every class; base2new (CoCoOp's): tune on the first half of the "
                        "classes by label and report base_accuracy, new_accuracy (the other half, never seen) and "
                        "harmonic_mean", choices=PROTOCOLS)
+    feedback: str | None = _f(None, "what the optimizer is told (client/feedback.py): cross-entropy from logits or "
+                              "probs, the server's loss, a top-K cross-entropy with the unseen mass (topk or topk:K), "
+                              "or the error rate of hard labels (label); default: the richest the key's output "
+                              "policy allows (the model metadata says which)")
+    output_noise: float = _f(0.0, "ask the server for training and validation outputs with at least this much Gaussian "
+                             "noise on the logits (a noisier service, simulated by the server; its own noise applies "
+                             "if larger; test accuracy is measured without it)")
+    output_decimals: int | None = _f(None, "ask the server to round training and validation outputs to at most this "
+                                     "many decimals (as --output-noise: the coarser of it and the server's applies)")
 
     def __post_init__(self) -> None:
         from .strategies import check_strategy_name  # nevergrad, only when a config is built
 
         check_strategy_name(self.optimizer)
+        if self.output_noise < 0 or (self.output_decimals is not None and not 0 <= self.output_decimals <= 12):
+            raise ValueError(f"need output_noise >= 0 and output_decimals in [0, 12], received {self.output_noise} and "
+                             f"{self.output_decimals}")
         for name in ("popsize", "budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, received {getattr(self, name)}")
@@ -87,6 +99,9 @@ class TuneConfig:
                 raise ValueError(f"{name} must be one of {allowed}, received {getattr(self, name)!r}")
         if self.text_context == "mixed" and self.d_text < 2:
             raise ValueError(f"text_context 'mixed' splits d_text between a shared and a per-class part; d_text={self.d_text}")
+        from .feedback import check_feedback
+
+        check_feedback(self.feedback)
         if self.template is not None:
             Template(self.template)
         if self.protocol not in PROTOCOLS:

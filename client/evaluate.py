@@ -12,6 +12,7 @@ from .api import ClipClient
 from .artifacts import load_prompts
 from .config import Template, TuneConfig
 from .data import TaskLike
+from .feedback import access_of
 from .objective import RemoteTask
 from .run import model_id_of
 
@@ -27,7 +28,8 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike,
     """
     saved = load_prompts(prompts_path)
     meta = saved.meta
-    model_id = model_id_of(client.model_metadata())
+    metadata = client.model_metadata()
+    model_id = model_id_of(metadata)
     if meta.get("model") != model_id:
         if not force:
             raise ValueError(f"{prompts_path} was tuned on model {meta.get('model')!r}, the server serves {model_id!r}: "
@@ -42,23 +44,26 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike,
         logger.warning("class names differ from the tuning run's; applying the context to the new ones")
     config = TuneConfig(loss=meta.get("loss", "ce"), visual_prompt_position=meta.get("visual_prompt_position", "pre_ln"),
                         template=meta["template"], budget=1)  # fmt: skip
-    task = RemoteTask(client, data, Template(meta["template"]), config)
-    tuned = float(task.accuracies("test", saved.prompts())[0])
-    zero_shot = float(task.accuracies("test", {})[0])
+    task = RemoteTask(client, data, Template(meta["template"]), config, access=access_of(metadata))
+    tuned, zero_shot = task.accuracies("test", saved.prompts()), task.accuracies("test", {})
+    if tuned is None or zero_shot is None:
+        raise ValueError(f"this key's output policy '{task.access.policy}' returns no labels, so test accuracy cannot "
+                         "be measured through the API; evaluate with a key that allows 'label'")
     own: dict[str, Any] = {}
     data_template = getattr(data, "template", None)
     if data_template and data_template != meta["template"]:  # another data set's own template (cross-data-set transfer)
-        own_task = RemoteTask(client, data, Template(data_template), config)
+        own_task = RemoteTask(client, data, Template(data_template), config, access=task.access)
         own_task.meter = task.meter
+        own_zero = own_task.accuracies("test", {})
         own = {"data_template": data_template,
-               "zero_shot_accuracy_data_template": float(own_task.accuracies("test", {})[0])}
+               "zero_shot_accuracy_data_template": None if own_zero is None else float(own_zero[0])}
     return {
         **own,
         "prompts": str(prompts_path),
         "model": model_id,
         "template": meta["template"],
         "num_test": len(task.labels("test")),
-        "test_accuracy": tuned,
-        "zero_shot_accuracy": zero_shot,
+        "test_accuracy": float(tuned[0]),
+        "zero_shot_accuracy": float(zero_shot[0]),
         "eval_queries": task.meter.eval,
     }

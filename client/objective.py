@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 
 from bptvlm.shared.errors import NotFoundError
-from bptvlm.shared.protocol import (CLASS_NAMES, IMAGE_BATCH, LABELS, LOGITS, LOSS, PARAM_CONTEXT_INIT, PARAM_LOSS,
-                                    PARAM_VISUAL_PROMPT_POSITION, TEXT_CONTEXT, VISUAL_PROMPT, Usage)
+from bptvlm.shared.protocol import (CLASS_NAMES, IMAGE_BATCH, LABELS, LOSS, PARAM_CONTEXT_INIT, PARAM_LOSS,
+                                    PARAM_OUTPUT_DECIMALS, PARAM_OUTPUT_NOISE, PARAM_VISUAL_PROMPT_POSITION,
+                                    TEXT_CONTEXT, VISUAL_PROMPT, OutputAccess, Usage)
 
 from .api import ClipClient, InferResult, add_usage
 from .config import Template, TuneConfig
 from .data import TaskLike
+from .feedback import LEGACY_ACCESS, Feedback, accuracy_from, accuracy_output
 
 logger = logging.getLogger(__name__)
 PURPOSES = ("train", "eval")
@@ -67,8 +69,11 @@ def finite_losses(losses: np.ndarray) -> np.ndarray:
 class RemoteTask:
     """The task's labelled image sets on the server, queried with a population of prompts."""
 
-    def __init__(self, client: ClipClient, data: TaskLike, template: Template, config: TuneConfig) -> None:
+    def __init__(self, client: ClipClient, data: TaskLike, template: Template, config: TuneConfig, *,
+                 access: OutputAccess | None = None) -> None:
         self.client = client
+        self.access = access or LEGACY_ACCESS  # what the key may receive (client/feedback.py)
+        self.feedback = Feedback.of(config.feedback or LOSS, self.access, config.loss)
         self.template = template
         self.config = config
         self.class_names = list(data.class_names)
@@ -106,30 +111,51 @@ class RemoteTask:
         return params
 
     def query(
-        self, split: str, prompts: dict[str, np.ndarray], *, outputs: tuple[str, ...], purpose: str, tag: str | None = None
+        self, split: str, prompts: dict[str, np.ndarray], *, outputs: tuple[str, ...], purpose: str, tag: str | None = None,
+        output_parameters: dict[str, dict[str, Any]] | None = None,
     ) -> InferResult:
         """One request for a population (P = leading dim of the prompts; 1 without prompts)."""
         pop = next(iter(prompts.values())).shape[0] if prompts else 1
         params = self._parameters(prompts)
+        if split != "test":  # a simulated stricter service; test accuracy is the experimenter's, measured clean
+            if self.config.output_noise > 0:
+                params[PARAM_OUTPUT_NOISE] = self.config.output_noise
+            if self.config.output_decimals is not None:
+                params[PARAM_OUTPUT_DECIMALS] = self.config.output_decimals
         rid = f"{self.run_id}-{tag}" if self.run_id and tag else None
         start = time.perf_counter()
         try:
-            result = self.client.infer(self._inputs(split, prompts), outputs=outputs, parameters=params, request_id=rid)
+            result = self.client.infer(self._inputs(split, prompts), outputs=outputs, parameters=params, request_id=rid,
+                                       output_parameters=output_parameters)
         except NotFoundError as exc:  # the server forgot the uploaded images (restart, eviction)
             logger.warning("%s; uploading the %s images again", exc.message, split)
             inputs = self._inputs(split, prompts, force_upload=True)  # a new body, so a new id
-            result = self.client.infer(inputs, outputs=outputs, parameters=params, request_id=rid and f"{rid}-reupload")
+            result = self.client.infer(inputs, outputs=outputs, parameters=params, request_id=rid and f"{rid}-reupload",
+                                       output_parameters=output_parameters)
         self.meter.book(purpose, pop, result.usage, time.perf_counter() - start)
         return result
 
     def losses(self, split: str, prompts: dict[str, np.ndarray], purpose: str = "eval", tag: str | None = None) -> np.ndarray:
-        """Loss float32 [P] on a split."""
-        loss = self.query(split, prompts, outputs=(LOSS,), purpose=purpose, tag=tag).loss
-        assert loss is not None
-        return loss
+        """The feedback objective's loss [P] on a split (``--feedback``: client/feedback.py)."""
+        fb = self.feedback
+        result = self.query(split, prompts, outputs=fb.outputs, purpose=purpose, tag=tag,
+                            output_parameters=fb.output_parameters)
+        return fb.loss(result.outputs, self.labels(split), len(self.class_names))
 
-    def accuracies(self, split: str, prompts: dict[str, np.ndarray], tag: str | None = None) -> np.ndarray:
-        """Accuracy [P] on a split (evaluation queries)."""
-        logits = self.query(split, prompts, outputs=(LOGITS,), purpose="eval", tag=tag).logits
-        assert logits is not None
-        return accuracy(logits, self.labels(split))
+    def accuracies(self, split: str, prompts: dict[str, np.ndarray], tag: str | None = None) -> np.ndarray | None:
+        """Accuracy [P] on a split (evaluation queries); None where the key's policy returns no labels."""
+        output = accuracy_output(self.access)
+        if output is None:
+            return None
+        return accuracy_from(self.query(split, prompts, outputs=(output,), purpose="eval", tag=tag).outputs,
+                             self.labels(split))
+
+    def assess(self, split: str, prompts: dict[str, np.ndarray], tag: str | None = None
+               ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Accuracy [P] (None without labels: see ``accuracies``) and the feedback loss [P], in one request."""
+        fb, output = self.feedback, accuracy_output(self.access)
+        outputs = tuple(dict.fromkeys((*fb.outputs, *([output] if output else []))))
+        result = self.query(split, prompts, outputs=outputs, purpose="eval", tag=tag,
+                            output_parameters=fb.output_parameters)
+        labels = self.labels(split)
+        return accuracy_from(result.outputs, labels), fb.loss(result.outputs, labels, len(self.class_names))

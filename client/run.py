@@ -31,6 +31,7 @@ from .artifacts import PROGRESS_FILE, PROMPTS_FILE, SUMMARY_FILE, ProgressLog, S
 from .checkpoint import CHECKPOINT_FILE, Checkpoint, data_fingerprint, load_checkpoint, save_checkpoint
 from .config import CONFIG_FIELDS, Template, TuneConfig, task_template
 from .data import TaskLike
+from .feedback import access_of, resolve_feedback
 from .loop import LoopCallback, SearchState, run_search
 from .objective import RemoteTask
 from .projection import PromptProjection, build_projection
@@ -111,7 +112,9 @@ def _setup(client: ClipClient, data: TaskLike, config: TuneConfig, metadata: Mod
     projection = build_projection(client, limits, config, template, len(data.class_names))
     # the lengths the defaults resolved to are part of the run (checkpoint, summary): a resume reuses them
     config = replace(config, n_ctx_text=projection.n_ctx_text, n_ctx_vision=projection.n_ctx_vision)
-    task = RemoteTask(client, data, template, config)
+    access = access_of(metadata)  # the key's output policy: the feedback it allows (client/feedback.py)
+    config = replace(config, feedback=resolve_feedback(config.feedback, access))
+    task = RemoteTask(client, data, template, config, access=access)
     return _Setup(metadata, model_id_of(metadata), template, projection, task, data_fingerprint(task.class_names, task.splits))
 
 
@@ -320,8 +323,8 @@ def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strat
     # an interrupted run keeps its last generation's strategy and can be resumed; its evaluation
     # queries were spent all the same, so the counters move on
     run.commit(done=not interrupted, summary=None if interrupted else summary)
-    logger.info("zero-shot %.4f -> tuned %.4f test accuracy; train loss %.4f -> %.4f in %d queries (+%d for evaluation)",
-                summary["zero_shot_accuracy"], summary["test_accuracy"], initial_loss, best_loss,
+    logger.info("zero-shot %s -> tuned %s test accuracy; train loss (%s) %.4f -> %.4f in %d queries (+%d for evaluation)",
+                summary["zero_shot_accuracy"], summary["test_accuracy"], config.feedback, initial_loss, best_loss,
                 task.meter.train, task.meter.eval)  # fmt: skip
     return TuneResult(summary=summary, prompts=prompts, history=list(log.records))
 

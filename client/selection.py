@@ -15,22 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from bptvlm.shared.protocol import LOGITS, LOSS
-
-from .objective import RemoteTask, accuracy
+from .objective import RemoteTask
 from .projection import PromptProjection
 
 
-def choose_on_validation(
-    loss: np.ndarray, logits: np.ndarray, labels: np.ndarray, names: list[str]
-) -> tuple[int, dict[str, float]]:
+def choose_on_validation(loss: np.ndarray, acc: np.ndarray | None, names: list[str]) -> tuple[int, dict[str, Any]]:
     """Index of the highest validation accuracy, ties by the lower loss, given one population's
-    ``loss`` [P] and ``logits`` [P, N, C] named ``names``; plus ``val_accuracy_<name>``/``val_loss_<name>``."""
-    acc = accuracy(logits, labels)
-    pick = min(range(len(names)), key=lambda i: (-float(acc[i]), float(loss[i])))
-    scores = {f"val_accuracy_{n}": float(a) for n, a in zip(names, acc)}
+    ``loss`` [P] and accuracy ``acc`` [P] (None: a policy without labels; by loss alone) named ``names``;
+    plus ``val_accuracy_<name>``/``val_loss_<name>``."""
+    pick = min(range(len(names)), key=lambda i: (0.0 if acc is None else -float(acc[i]), float(loss[i])))
+    scores: dict[str, Any] = {f"val_accuracy_{n}": None if acc is None else float(a)
+                              for n, a in zip(names, acc if acc is not None else [None] * len(names))}
     scores.update({f"val_loss_{n}": float(v) for n, v in zip(names, loss)})
     return pick, scores
+
+
+def _first(acc: np.ndarray | None) -> float | None:
+    return None if acc is None else float(acc[0])
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Selection:
     selected: str
     selected_by: str
     z: np.ndarray | None
-    test_accuracy: float
+    test_accuracy: float | None  # None: the key's output policy returns no labels (loss only)
     scores: dict[str, Any] = field(default_factory=dict)  # val_* and (report_all) test_accuracy_* of each
 
 
@@ -70,25 +71,25 @@ def select_prompt(
     if report_all:
         scores["recommendation_train_loss"] = train_losses[-1]
     if "val" in task.splits:
-        val = task.query("val", prompts, outputs=(LOSS, LOGITS), purpose="eval", tag=tag("val"))
-        plain = task.query("val", {}, outputs=(LOSS, LOGITS), purpose="eval", tag=tag("val-template"))
-        assert val.loss is not None and val.logits is not None and plain.loss is not None and plain.logits is not None
-        loss, logits = np.concatenate([val.loss, plain.loss]), np.concatenate([val.logits, plain.logits])
+        val_acc, val_loss = task.assess("val", prompts, tag=tag("val"))
+        plain_acc, plain_loss = task.assess("val", {}, tag=tag("val-template"))
+        acc = None if val_acc is None or plain_acc is None else np.concatenate([val_acc, plain_acc])
         names.append("template")
-        pick, val_scores = choose_on_validation(loss, logits, task.labels("val"), names)
+        pick, val_scores = choose_on_validation(np.concatenate([val_loss, plain_loss]), acc, names)
         scores.update(val_scores)
-        selected, selected_by = names[pick], "val_accuracy"
+        selected, selected_by = names[pick], "val_accuracy" if acc is not None else "val_loss"
     else:
         selected, selected_by = names[int(np.argmin(train_losses))], "train_loss"
         names.append("template")
     if report_all:
-        acc = dict(zip(candidates, task.accuracies("test", prompts, tag=tag("test")).astype(float).tolist()))
-        acc["template"] = float(task.accuracies("test", {}, tag=tag("zero-shot"))[0])
+        tested = task.accuracies("test", prompts, tag=tag("test"))
+        acc = dict(zip(candidates, [None] * len(candidates) if tested is None else tested.astype(float).tolist()))
+        acc["template"] = _first(task.accuracies("test", {}, tag=tag("zero-shot")))
         acc.setdefault("recommendation", acc["best"])
         scores.update({f"test_accuracy_{name}": value for name, value in acc.items()})
         test_accuracy = acc[selected]
     else:
         chosen = {} if selected == "template" else {k: v[names.index(selected) : names.index(selected) + 1]
                                                     for k, v in prompts.items()}
-        test_accuracy = float(task.accuracies("test", chosen, tag=tag("test"))[0])
+        test_accuracy = _first(task.accuracies("test", chosen, tag=tag("test")))
     return Selection(selected, selected_by, candidates.get(selected), test_accuracy, scores)

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bptvlm.shared.protocol import LOGITS, LOSS
-
 from .loop import LoopCallback, SearchState
-from .objective import RemoteTask, accuracy
+from .objective import RemoteTask
 from .projection import PromptProjection
 
 logger = logging.getLogger(__name__)
@@ -49,7 +47,7 @@ class ValidationCurve(LoopCallback):
     def __init__(self, task: RemoteTask, projection: PromptProjection, every: int, spent: int = 0) -> None:
         self.task, self.projection, self.every = task, projection, every
         self._mark = spent // every if every > 0 else 0
-        self._last: tuple[int, float, float] | None = None  # best_generation, accuracy, loss
+        self._last: tuple[int, float | None, float] | None = None  # best_generation, accuracy, loss
 
     @property
     def active(self) -> bool:
@@ -60,11 +58,9 @@ class ValidationCurve(LoopCallback):
             return
         self._mark = state.spent // self.every
         if self._last is None or self._last[0] != state.best_generation:
-            result = self.task.query("val", self.projection(state.best_z[None, :]), outputs=(LOSS, LOGITS),
-                                     purpose="eval", tag=f"g{record['generation']}-curve")  # fmt: skip
-            assert result.logits is not None and result.loss is not None
-            acc = float(accuracy(result.logits, self.task.labels("val"))[0])
-            self._last = (state.best_generation, acc, float(result.loss[0]))
+            acc, loss = self.task.assess("val", self.projection(state.best_z[None, :]),
+                                         tag=f"g{record['generation']}-curve")  # fmt: skip
+            self._last = (state.best_generation, None if acc is None else float(acc[0]), float(loss[0]))
         record.update(val_accuracy=self._last[1], val_loss=self._last[2], eval_queries=self.task.meter.eval)
 
 

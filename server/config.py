@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     quota: int | None = Field(default=None, ge=0, description="candidates each --api-key token (or anonymous) may use")
     requests_per_minute: int | None = Field(default=None, gt=0, description="rate limit of those tokens")
 
+    outputs: str = Field(
+        default="logits",
+        description="output policy of the server: logits (every output), probs, loss, topk:K or label; a key's own "
+        "policy (`bptvlm keys create --outputs`) can only narrow it (server/policy.py)",
+    )
+    output_decimals: int | None = Field(default=None, ge=0, le=12, description="round every float output to this many "
+                                        "decimals (None: no rounding)")
+    output_noise: float = Field(default=0.0, ge=0, description="std of the Gaussian noise added to the logits before "
+                                "any output is derived; seeded by key and request id, so a retry gets the same outputs")
+    output_noise_seed: int = Field(default=0, description="with the key and request id, fixes the noise: keep it "
+                                   "private (a caller who knows it can subtract the noise) and the same across restarts")
+
     ready_probe_s: float = Field(
         default=30.0, ge=0,
         description="when no forward pass succeeded for this long, run a tiny one (charged to nobody) so that "
@@ -120,6 +132,13 @@ class Settings(BaseSettings):
         if value is not None and value.startswith(POSTGRES_SCHEMES) and importlib.util.find_spec("psycopg") is None:
             raise ValueError(POSTGRES_DRIVER_HINT)
         return value
+
+    @field_validator("outputs")
+    @classmethod
+    def _policy_known(cls, value: str) -> str:
+        from .policy import parse_policy
+
+        return parse_policy(value).name
 
     @field_validator("device")
     @classmethod

@@ -90,6 +90,10 @@ _SCHEMA = (
     # Reservations of versions without owners: in flight at their last stop, so never answered.
     "DROP TABLE IF EXISTS reservations",
 )
+# Columns added after a table's first release: (table, column, type), added to ledgers made before them.
+_ADDED_COLUMNS = (
+    ("keys", "outputs", "TEXT"),  # the key's output policy (server/policy.py); NULL: the server's
+)
 
 
 class Backend(Protocol):
@@ -168,6 +172,7 @@ class KeyRecord:
     quota: int | None
     requests_per_minute: int | None
     revoked: bool = False
+    outputs: str | None = None  # the key's output policy (server/policy.py); None: the server's
 
 
 @dataclass(frozen=True)
@@ -194,9 +199,30 @@ class Ledger:
         self._heartbeat_started = threading.Lock()
         with self._lock:
             self._db.migrate([s.format(**self._db.types) for s in _SCHEMA])
+            self._add_columns()
             with self._db.transaction():
                 self._db.execute("DELETE FROM in_flight WHERE owner = ?", (self.replica_id,))  # a previous life's
                 self._sweep()
+
+    def _add_columns(self) -> None:
+        """The schema migration of a ledger made by an older version: add the columns it lacks. A replica
+        that adds one at the same moment makes the ALTER fail here: the column is there all the same."""
+        for table, column, kind in _ADDED_COLUMNS:
+            if self._has_column(table, column):
+                continue
+            try:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                log.info("ledger: added column %s.%s", table, column)
+            except Exception:
+                if not self._has_column(table, column):
+                    raise
+
+    def _has_column(self, table: str, column: str) -> bool:
+        try:
+            self._db.execute(f"SELECT {column} FROM {table} WHERE 1 = 0").fetchall()
+            return True
+        except Exception:  # sqlite3.OperationalError / psycopg's UndefinedColumn (outside a transaction)
+            return False
 
     def close(self) -> None:
         """Stop the heartbeat and, as a clean stop, drop this replica's holds and its heartbeat row."""
@@ -215,9 +241,15 @@ class Ledger:
     # --- keys ------------------------------------------------------------------------------------
 
     def create_key(
-        self, name: str, *, quota: int | None = None, requests_per_minute: int | None = None, token: str | None = None
+        self, name: str, *, quota: int | None = None, requests_per_minute: int | None = None, token: str | None = None,
+        outputs: str | None = None,
     ) -> str:
-        """Add a key; return its token (only its hash is stored, so this is the one time it is seen)."""
+        """Add a key; return its token (only its hash is stored, so this is the one time it is seen).
+        ``outputs``: the key's output policy (``ValueError`` unless one of server/policy.py's)."""
+        if outputs is not None:
+            from .policy import parse_policy
+
+            outputs = parse_policy(outputs).name
         if not name or len(name) > 64:
             raise ValueError("a key name has 1 to 64 characters")
         for label, value in (("quota", quota), ("requests_per_minute", requests_per_minute)):
@@ -227,9 +259,9 @@ class Ledger:
         with self._lock:
             try:
                 self._db.execute(
-                    f"INSERT INTO keys (name, token_hash, quota, requests_per_minute, created) "
-                    f"VALUES (?, ?, ?, ?, {self._db.now})",
-                    (name, hash_token(token), quota, requests_per_minute),
+                    f"INSERT INTO keys (name, token_hash, quota, requests_per_minute, outputs, created) "
+                    f"VALUES (?, ?, ?, ?, ?, {self._db.now})",
+                    (name, hash_token(token), quota, requests_per_minute, outputs),
                 )
             except self._db.integrity_error:
                 raise ValueError(f"a key named {name!r} (or with that token) exists already") from None
@@ -243,9 +275,9 @@ class Ledger:
     def keys(self) -> list[KeyRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, name, quota, requests_per_minute, revoked FROM keys ORDER BY id"
+                "SELECT id, name, quota, requests_per_minute, revoked, outputs FROM keys ORDER BY id"
             ).fetchall()
-        return [KeyRecord(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+        return [KeyRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
     def has_keys(self) -> bool:
         with self._lock:
@@ -256,12 +288,12 @@ class Ledger:
         digest = hash_token(token)
         with self._lock:
             row = self._db.execute(
-                "SELECT id, name, quota, requests_per_minute, revoked, token_hash FROM keys WHERE token_hash = ?",
+                "SELECT id, name, quota, requests_per_minute, revoked, token_hash, outputs FROM keys WHERE token_hash = ?",
                 (digest,),
             ).fetchone()
         if row is None or not hmac.compare_digest(row[5], digest) or row[4]:
             return None
-        return KeyRecord(row[0], row[1], row[2], row[3])
+        return KeyRecord(row[0], row[1], row[2], row[3], outputs=row[6])
 
     def key(self, name: str) -> KeyRecord:
         found = [k for k in self.keys() if k.name == name]

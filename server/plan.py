@@ -22,6 +22,7 @@ from bptvlm.shared.tensors import datatype_of
 from .config import Settings
 from .images import ImageBatch
 from .model import PromptedCLIP, TextBatch
+from .policy import classification_counts, degradation_parameters
 
 # Accepted datatypes and ranks of every input (text_context: shared [P, n, D] or per class [P, C, n, D]).
 _INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
@@ -34,7 +35,7 @@ _INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 }
 JSON_BYTES_PER_FLOAT = 24  # "-1.2345678901234567e-05," : the longest a float32 prints as in a JSON list
 _KNOWN_PARAMETERS = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
-                     "binary_data_output"}
+                     "binary_data_output", p.PARAM_OUTPUT_NOISE, p.PARAM_OUTPUT_DECIMALS}
 
 
 @dataclass
@@ -56,6 +57,8 @@ class RequestPlan:
     binary: dict[str, bool] = field(default_factory=dict)  # output name -> binary on the wire
     images: np.ndarray | None = None
     batch: ImageBatch | None = None
+    classify: dict[str, int] = field(default_factory=dict)  # output name -> K of a top-K (server/policy.py)
+    request_id: str | None = None  # seeds the output noise (server/outputs.py)
 
 
 def describe(array: np.ndarray) -> str:
@@ -157,9 +160,10 @@ class Planner:
         n_ctx = 0 if context is None else context.shape[-2]
         tokens = self._tokens(class_texts, n_ctx)
         binary = self._binary(request, wanted)
-        self._check_response_size(population, num_images, len(class_texts), wanted, binary)
+        classify = classification_counts(request)
+        self._check_response_size(population, num_images, len(class_texts), wanted, binary, classify)
         return RequestPlan(population, num_images, class_texts, tokens, context, prompt, labels, wanted, params,
-                           binary, images, batch)
+                           binary, images, batch, classify, request.id)
 
     def _prompts(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, int]:
         lim = self.limits
@@ -248,14 +252,17 @@ class Planner:
         asked = {o.name: bool((o.parameters or {}).get("binary_data", False)) for o in request.outputs or []}
         return {name: binary_all or asked.get(name, False) for name in wanted}
 
-    def _check_response_size(self, pop: int, n: int, c: int, wanted: set[str], binary: dict[str, bool]) -> None:
+    def _check_response_size(self, pop: int, n: int, c: int, wanted: set[str], binary: dict[str, bool],
+                             classify: dict[str, int] | None = None) -> None:
         """Refuse (413, before any work) a response over ``max_response_bytes``: logits are P x N x C floats."""
         size, limit = 4096, self.settings.max_response_bytes  # 4096: the JSON header
-        per = {name: 4 if binary[name] else JSON_BYTES_PER_FLOAT for name in wanted}
-        if p.LOSS in wanted:
-            size += pop * per[p.LOSS]
-        if p.LOGITS in wanted:
-            size += pop * n * c * per[p.LOGITS]
+        per = {name: (8 if name == p.LABEL else 4) if binary[name] else JSON_BYTES_PER_FLOAT for name in wanted}
+        classify = classify or {}
+        for name in wanted:  # a top-K element: "0.123456:999" with its 4-byte length or JSON quotes
+            count = {p.LOSS: pop, p.LABEL: pop * n}.get(name, pop * n * c)
+            if name in classify:
+                count, per[name] = pop * n * min(classify[name], c), 32
+            size += count * per[name]
         if size > limit:
             encoding = "binary" if binary.get(p.LOGITS, True) else "JSON"
             raise PayloadTooLargeError(
@@ -298,7 +305,8 @@ class Planner:
         init = params.get(p.PARAM_CONTEXT_INIT)
         if init is not None:
             self._check_context_init(init, context)
-        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init}
+        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init,
+                **degradation_parameters(params)}
 
     def _check_context_init(self, init: Any, context: np.ndarray | None) -> None:
         name = p.PARAM_CONTEXT_INIT

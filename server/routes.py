@@ -19,6 +19,7 @@ from bptvlm.shared.tensors import HEADER_LENGTH, encode_response
 
 from .bodies import content_encoding, decode_body, inflate, read_body
 from .ledger import KeyRecord
+from .policy import access
 from .service import InferenceResult, InferenceService
 
 router = APIRouter()
@@ -117,7 +118,8 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/v2", response_model=p.ServerMetadata)
 async def server_metadata() -> p.ServerMetadata:
     """Server name, version and protocol extensions."""
-    return p.ServerMetadata(name="bptvlm", version="0.1.0", extensions=["binary_tensor_data", "image_upload"])
+    return p.ServerMetadata(name="bptvlm", version="0.1.0", extensions=["binary_tensor_data", "image_upload",
+                                                                            "classification"])
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -142,10 +144,17 @@ def usage(service: Annotated[InferenceService, Depends(get_service)], key: ApiKe
     return service.usage_report(key)
 
 
+_OUTPUT_TENSORS = [p.MetadataTensor(name=p.LOSS, datatype="FP32", shape=[-1]),
+                   p.MetadataTensor(name=p.LOGITS, datatype="FP32", shape=[-1, -1, -1]),
+                   p.MetadataTensor(name=p.PROBS, datatype="FP32", shape=[-1, -1, -1]),
+                   p.MetadataTensor(name=p.TOPK, datatype="BYTES", shape=[-1, -1, -1]),
+                   p.MetadataTensor(name=p.LABEL, datatype="INT64", shape=[-1, -1])]
+
+
 @router.get("/v2/models/{model_name}", response_model=p.ModelMetadata)
 def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMetadata:
     """Inputs, outputs and the prompt limits and statistics a client needs."""
-    lim = service.limits
+    lim, policy = service.limits, service.output_policy(key)
     t = p.MetadataTensor
     return p.ModelMetadata(
         name=model_name,
@@ -159,12 +168,13 @@ def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMet
             t(name=p.LABELS, datatype="INT64", shape=[-1]),
             t(name=p.CLASS_NAMES, datatype="BYTES", shape=[-1]),
         ],
-        outputs=[t(name=p.LOSS, datatype="FP32", shape=[-1]), t(name=p.LOGITS, datatype="FP32", shape=[-1, -1, -1])],
+        outputs=[o for o in _OUTPUT_TENSORS if o.name in policy.allowed],
         parameters={
             "protocol_version": p.PROTOCOL_VERSION,
             "model_id": service.model.model_id,
             "dtype": str(service.model.dtype).removeprefix("torch."),  # the served dtype (--dtype; auto: server/precision.py)
             "prompt": lim.model_dump(),
+            "outputs": access(policy, service.degradation.decimals, service.degradation.noise),  # for this key
         },
     )
 

@@ -25,8 +25,10 @@ from .health import Readiness
 from .images import ImageBatch, ImageStore
 from .ledger import KeyRecord, Ledger
 from .metering import Metering
-from .model import PromptedCLIP, loss_per_candidate
+from .model import PromptedCLIP
+from .outputs import Degradation, derive_outputs
 from .plan import Planner, RequestPlan
+from .policy import OutputPolicy, apply_policy, parse_policy, stricter
 from .replies import Replies, check_same_request
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class InferenceService:
             settings.reply_cache_bytes, settings.reply_ttl_s, settings.request_timeout_s, lambda r: r.outputs
         )
         self.readiness = Readiness()  # the latest forward's outcome (see health.py)
+        self.policy = parse_policy(settings.outputs)  # server-wide; a key's own policy can only narrow it
+        self.degradation = Degradation(settings.output_noise, settings.output_decimals, settings.output_noise_seed)
 
     @property
     def limits(self) -> p.PromptLimits:
@@ -89,6 +93,10 @@ class InferenceService:
 
     def usage_report(self, key: KeyRecord) -> p.UsageReport:
         return self.metering.report(key)
+
+    def output_policy(self, key: KeyRecord) -> OutputPolicy:
+        """The stricter of the server's output policy and the key's own (server/policy.py)."""
+        return self.policy if key.outputs is None else stricter(self.policy, parse_policy(key.outputs))
 
     # --- uploads ---------------------------------------------------------------------------------
 
@@ -145,6 +153,7 @@ class InferenceService:
     def _infer_new(
         self, request: p.InferenceRequest, arrays: dict[str, np.ndarray], key: KeyRecord, fingerprint: str
     ) -> InferenceResult:
+        request = apply_policy(request, p.LABELS in arrays, self.output_policy(key))  # 403 before any work
         plan = self.planner.plan(request, arrays, lambda ref: self.images.get(ref, key.id))
         charged = self.metering.answered(key, request.id, self.settings.reply_ttl_s) if request.id else None
         if charged is not None:  # answered, but the reply is not kept: recompute, do not charge again
@@ -197,21 +206,9 @@ class InferenceService:
             assert plan.images is not None
             batch, _ = self.images.put(plan.images, self._preprocess, scope, must_store=False)
         logits, forwards = self._run(plan, batch, scope)
-        outputs: dict[str, np.ndarray] = {}
-        if p.LOSS in plan.wanted:
-            assert plan.labels is not None
-            labels = torch.from_numpy(plan.labels.astype(np.int64)).to(logits.device)
-            loss = loss_per_candidate(logits, labels, plan.params["loss"], plan.params["focal_gamma"])
-            outputs[p.LOSS] = loss.cpu().numpy().astype(np.float32)
-        if p.LOGITS in plan.wanted:
-            outputs[p.LOGITS] = logits.float().cpu().numpy()
-        for name, array in outputs.items():
-            if not np.isfinite(array).all():  # finite inputs can overflow (3e38): refuse, and charge nothing
-                raise InvalidTensorError(
-                    f"output '{name}': {int((~np.isfinite(array)).sum())} values are NaN or infinite (finite inputs "
-                    "overflowed); scale the prompts down. Nothing was charged"
-                )
-        return outputs, forwards
+        degradation = self.degradation.stricter(plan.params["output_noise"], plan.params["output_decimals"])
+        noisy = degradation.noisy(logits, scope, plan.request_id)  # before anything is derived
+        return derive_outputs(noisy, plan, degradation), forwards
 
     def _run(self, plan: RequestPlan, batch: ImageBatch, scope: int) -> tuple[torch.Tensor, int]:
         """Forward with out-of-memory recovery: free the cache, halve the micro-batch, try again."""

@@ -7,6 +7,7 @@
     │   ├── RequestTimeoutError             408  the body did not arrive within the read deadline
     │   └── UnsupportedMediaTypeError       415  a Content-Encoding the server does not inflate
     ├── AuthError (PermissionError)         401  missing or unknown API key
+    ├── ForbiddenError (PermissionError)    403  an output the key's output policy does not allow
     ├── NotFoundError (LookupError)         404  unknown model or image batch
     ├── RateLimitedError                    429  too many requests now (carries ``retry_after``)
     ├── BudgetExhaustedError                429  the key's query budget is spent (no Retry-After; carries
@@ -55,6 +56,10 @@ class AuthError(BptvlmError, PermissionError):
     status_code = 401
 
 
+class ForbiddenError(BptvlmError, PermissionError):
+    status_code = 403
+
+
 class NotFoundError(BptvlmError, LookupError):
     status_code = 404
 
@@ -99,6 +104,7 @@ def error_from_status(status: int, message: str, retry_after: float | None = Non
     by_status: dict[int, type[BptvlmError]] = {
         400: ProtocolError,
         401: AuthError,
+        403: ForbiddenError,
         408: RequestTimeoutError,
         415: UnsupportedMediaTypeError,
         404: NotFoundError,

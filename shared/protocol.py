@@ -33,9 +33,17 @@ LABELS = "labels"  # INT64 [N]
 CLASS_NAMES = "class_names"  # BYTES [C]
 LOSS = "loss"  # FP32 [P]
 LOGITS = "logits"  # FP32 [P, N, C]
+PROBS = "probs"  # FP32 [P, N, C]: softmax of the logits
+LABEL = "label"  # INT64 [P, N]: argmax of the logits (ties: the lowest class index)
+TOPK = "topk"  # BYTES [P, N, K]: "<score>:<index>" of the K most probable classes (Triton's classification)
 
 INPUT_NAMES = (TEXT_CONTEXT, VISUAL_PROMPT, IMAGES, IMAGE_BATCH, LABELS, CLASS_NAMES)
-OUTPUT_NAMES = (LOSS, LOGITS)
+OUTPUT_NAMES = (LOSS, LOGITS, PROBS, LABEL, TOPK)
+# Output parameter of the V2 classification extension: {"name": "probs", "parameters": {"classification": K}}
+# returns that output as its top K, BYTES [P, N, K] of "<value>:<index>" (as Triton does).
+PARAM_CLASSIFICATION = "classification"
+# Output policies a server or a key may have (server/policy.py): which outputs a caller may receive.
+OUTPUT_POLICIES = ("logits", "probs", "loss", "topk:K", "label")
 
 # Request parameters the server understands.
 PARAM_LOSS = "loss"  # "ce" (default) or "focal"
@@ -47,6 +55,10 @@ PARAM_VISUAL_PROMPT_POSITION = "visual_prompt_position"
 # Text whose token embeddings the server adds to text_context (zero-padded to n_ctx), so that a
 # context of zeros reproduces the hand-written template without the client ever seeing an embedding.
 PARAM_CONTEXT_INIT = "context_init"
+# A caller may ask for outputs degraded beyond the server's own (--output-noise, --output-decimals), never less:
+# the noisier and the coarser of the two apply (to simulate a stricter service without restarting one).
+PARAM_OUTPUT_NOISE = "output_noise"  # float >= 0: std of Gaussian noise on the logits
+PARAM_OUTPUT_DECIMALS = "output_decimals"  # int >= 0: float outputs rounded to this many decimals
 
 Parameters = dict[str, Any]
 
@@ -131,6 +143,16 @@ class PromptLimits(_Reply):
     patch_token_std: float = Field(
         description="std of the vision tokens after the pre-layer-norm (scale of post_ln prompts)"
     )
+
+
+class OutputAccess(_Reply):
+    """``parameters["outputs"]`` of the model metadata: what the caller's key may receive."""
+
+    policy: str = Field(description="the effective output policy (server's and key's, the stricter)")
+    allowed: list[str] = Field(description="outputs this key may ask for")
+    topk: int | None = Field(default=None, description="largest K of a top-K output (None: no limit but C)")
+    decimals: int | None = Field(default=None, description="float outputs are rounded to this many decimals")
+    noise: float = Field(default=0.0, description="std of the Gaussian noise added to the logits before all else")
 
 
 class ModelMetadata(_Reply):

@@ -207,8 +207,10 @@ def encode_request(
     binary: bool = True,
     request_id: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    output_parameters: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of an inference request; with ``binary`` the outputs are asked as binary too."""
+    """Body and headers of an inference request; with ``binary`` the outputs are asked as binary too.
+    ``output_parameters``: output name -> its parameters (e.g. ``{"topk": {"classification": 3}}``)."""
     tensors, chunks = [], []
     for name, array in inputs.items():
         td, raw = to_wire(name, array, binary=binary)
@@ -219,7 +221,8 @@ def encode_request(
         id=request_id,
         parameters=dict(parameters) if parameters else None,
         inputs=tensors,
-        outputs=[RequestedOutput(name=n, parameters=out_params) for n in outputs] or None,
+        outputs=[RequestedOutput(name=n, parameters={**(out_params or {}), **(output_parameters or {}).get(n, {})} or None)
+                 for n in outputs] or None,
     )
     return _assemble(request, chunks)
 

@@ -9,6 +9,9 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
     seeds = [0, 1]
     variants = ["joint", "text"]
     intrinsic_dims = [500]          # d_text = d_vision = d
+    feedbacks = ["logits", "label"] # client/feedback.py ("auto": the richest the key allows)
+    output_noises = [0.0, 0.5]      # Gaussian noise on the logits, asked of the server (training and validation)
+    output_decimals = [-1, 2]       # rounding of float outputs (-1: none)
     baselines = ["zero-shot", "ensemble", "coop", "same-shape", "linear-probe"]
     whitebox_model = "embedded"     # only with it: CoOp, same-shape and the linear probe (white-box)
     preset = "paper"                # where every setting not given comes from (client/config.py)
@@ -54,6 +57,11 @@ class Grid:
     intrinsic_dims: tuple[int, ...] = ()  # (): the preset's d_text (d_text = d_vision = d)
     n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (8, or the template prefix's tokens if more)
     n_ctx_vision: tuple[int, ...] = (0,)  # 0: the client's default (5 appended, one per position for 'add')
+    # Stricter services (client/feedback.py, server/outputs.py): "" = the richest feedback the key allows;
+    # noise 0 and decimals -1 = none beyond the server's own. Degradations apply to training and validation.
+    feedbacks: tuple[str, ...] = ("",)
+    output_noises: tuple[float, ...] = (0.0,)
+    output_decimals: tuple[int, ...] = (-1,)
     # None: the preset's (TuneConfig fields of the same names)
     popsize: int | None = None
     sigma: float | None = None
@@ -85,7 +93,8 @@ class Grid:
         for axis, name in (("optimizers", "optimizer"), ("variants", "variant"), ("intrinsic_dims", "d_text")):
             if not getattr(self, axis):
                 object.__setattr__(self, axis, (getattr(base, name),))
-        for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision"):
+        for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision",
+                     "feedbacks", "output_noises", "output_decimals"):
             if not getattr(self, name):
                 raise ValueError(f"grid axis {name!r} is empty")
         if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
@@ -132,7 +141,7 @@ class Grid:
     def cells(self) -> list[Cell]:
         """Black-box cells, task-major (a run's first cells cover every task)."""
         return [
-            Cell(task, "blackbox", opt, variant, seed, d, nt, nv)
+            Cell(task, "blackbox", opt, variant, seed, d, nt, nv, fb, noise, dec)
             for seed in self.seeds
             for task in self.tasks
             for opt in self.optimizers
@@ -140,6 +149,9 @@ class Grid:
             for d in self.intrinsic_dims
             for nt in self.n_ctx_text
             for nv in self.n_ctx_vision
+            for fb in self.feedbacks
+            for noise in self.output_noises
+            for dec in self.output_decimals
         ]
 
     def baseline_cells(self, whitebox: bool) -> list[Cell]:
@@ -181,6 +193,15 @@ class Cell:
     d: int
     n_ctx_text: int
     n_ctx_vision: int
+    feedback: str = ""  # "": the richest the key allows
+    output_noise: float = 0.0
+    output_decimals: int = -1  # -1: none
+
+    def degradation(self) -> str:
+        """`` feedback=label noise=0.5 decimals=2`` for what is set ("" when nothing is)."""
+        parts = [f"feedback={self.feedback}"] * bool(self.feedback) + [f"noise={self.output_noise:g}"] * (
+            self.output_noise > 0) + [f"decimals={self.output_decimals}"] * (self.output_decimals >= 0)
+        return "".join(" " + p for p in parts)
 
     def tune_config(self, grid: Grid) -> Any:
         """The client's ``TuneConfig`` of this cell (budget = the grid's largest)."""
@@ -206,6 +227,9 @@ class Cell:
             shots=grid.shots,
             val_shots=grid.val_shots,
             protocol=grid.protocol,
+            feedback=self.feedback or None,
+            output_noise=self.output_noise,
+            output_decimals=self.output_decimals if self.output_decimals >= 0 else None,
         )
 
     def key(self, grid: Grid, model_id: str) -> str:
@@ -220,12 +244,17 @@ class Cell:
             settings["protocol"] = grid.protocol
         if grid.dataset_test_per_class:
             settings["dataset_test_per_class"] = grid.dataset_test_per_class
-        blob = json.dumps({"cell": asdict(self), "grid": settings, "model": model_id}, sort_keys=True, default=list)
+        cell = asdict(self)
+        for name, unset in (("feedback", ""), ("output_noise", 0.0), ("output_decimals", -1)):
+            if cell[name] == unset:  # keyed only when set, so cells cached before these axes stay valid
+                del cell[name]
+        blob = json.dumps({"cell": cell, "grid": settings, "model": model_id}, sort_keys=True, default=list)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         safe_task = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.task)[-40:]
         parts = [safe_task, self.method, self.variant.replace("-", "none"), f"s{self.seed}"]
         if self.kind == "blackbox":
             parts += [f"d{self.d}", f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
+            parts += [self.degradation().strip().replace("=", "").replace(" ", "_").replace(":", "")] * bool(self.degradation())
         elif self.method == "same-shape":
             parts += [f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
         return "__".join(parts + [digest])
@@ -244,6 +273,10 @@ def _coerce(name: str, value: Any) -> Any:
         items = [i.strip() if isinstance(i, str) else i for i in items if not (isinstance(i, str) and not i.strip())]
         if "int" in kind:
             return tuple(int(i) for i in items)
+        if "float" in kind:
+            return tuple(float(i) for i in items)
+        if name == "feedbacks":
+            return tuple("" if str(i) in ("auto", "") else str(i) for i in items)
         if name == "baselines" and items in (["none"], []):
             return ()
         return tuple(str(i) for i in items)

@@ -26,6 +26,7 @@ from bptvlm.client.data import TaskLike
 from bptvlm.client.projection import text_context_length, visual_prompt_length
 from bptvlm.data import load_data
 
+from .gains import gain_table
 from .grid import WHITEBOX_BASELINES, Cell, Grid
 from .report import write_plots, write_report
 from .runner import run_api_baseline, run_blackbox
@@ -139,7 +140,8 @@ def run_grid(run: BenchRun) -> Outcome:
                 ran += 1
                 cell_bar.update(1)
                 last = rows[-1]
-                logger.info("%s %s %s seed %d: test %.3f (val %.3f) at %d queries", cell.task, cell.method, cell.variant,
+                logger.info("%s %s %s seed %d: test %.3f (val %.3f) at %d queries", cell.task,
+                            cell.method + cell.degradation(), cell.variant,
                             cell.seed, last["test_accuracy"], last["val_accuracy"], last["queries"])  # fmt: skip
         except KeyboardInterrupt:
             interrupted = True
@@ -216,5 +218,8 @@ def _write_outputs(run: BenchRun, rows: list[dict[str, Any]], model_id: str, rec
         f"- price: {run.grid.price_per_1k_image_forwards} per 1k image forwards (simulated)",
     ])
     if rows:
-        write_report(run.out, rows, header, list(run.grid.all_budgets()))
+        path = write_report(run.out, rows, header, list(run.grid.all_budgets()))
+        gains = gain_table(rows, list(run.grid.all_budgets()))  # only when the grid varies feedback or degradations
+        if gains:
+            write_atomic(path, path.read_text() + "\n" + gains)
         write_plots(run.out, rows)

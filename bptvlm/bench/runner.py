@@ -18,6 +18,7 @@ each row also gets ``base_accuracy`` (= ``test_accuracy``), ``new_accuracy`` and
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 from bptvlm.client.api import ClipClient
 from bptvlm.client.config import Template, task_template
 from bptvlm.client.data import TaskLike
+from bptvlm.client.feedback import access_of, resolve_feedback
 from bptvlm.client.loop import LoopCallback, SearchState, run_search
 from bptvlm.client.objective import Meter, RemoteTask, accuracy
 from bptvlm.client.projection import PromptProjection, build_projection
@@ -97,10 +99,12 @@ def run_blackbox(
     config = cell.tune_config(grid)
     template = task_template(config, data)
     projection = build_projection(client, limits, config, template, len(data.class_names))
-    task = RemoteTask(client, data, template, config)
+    access = access_of(client.model_metadata())  # the key's output policy: the feedback it allows
+    config = replace(config, feedback=resolve_feedback(config.feedback, access))
+    task = RemoteTask(client, data, template, config, access=access)
     new_task = None
     if new is not None:
-        new_task = RemoteTask(client, new, template, config)
+        new_task = RemoteTask(client, new, template, config, access=access)
         new_task.meter = task.meter  # its queries are evaluation queries of the cell
     strategy = make_strategy(StrategySpec(config.optimizer, config.popsize, projection.dimension, config.budget, config.seed))
     marks = _Marks(task, projection, strategy, grid, bar, new_task)

@@ -20,6 +20,7 @@ COLUMNS = (
     "requests", "image_forwards", "price", "eval_queries", "eval_requests", "eval_image_forwards", "eval_wall_s",
     "kind", "d", "n_ctx_text", "n_ctx_vision", "val_loss", "train_loss", "selected", "model",
     "base_accuracy", "new_accuracy", "harmonic_mean",
+    "feedback", "output_noise", "output_decimals",
 )  # fmt: skip
 
 
@@ -49,9 +50,14 @@ def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for rec in records:
         cell = rec["cell"]
-        head = {"task": cell["task"], "optimizer": cell["method"], "variant": cell["variant"], "seed": cell["seed"],
-                "kind": cell["kind"], "d": cell["d"], "n_ctx_text": cell["n_ctx_text"],
-                "n_ctx_vision": cell["n_ctx_vision"], "model": rec.get("model", "")}  # fmt: skip
+        degraded = {"feedback": cell.get("feedback", ""), "output_noise": cell.get("output_noise", 0.0),
+                    "output_decimals": cell.get("output_decimals", -1)}
+        suffix = "".join([f" feedback={degraded['feedback']}"] * bool(degraded["feedback"])
+                         + [f" noise={degraded['output_noise']:g}"] * (degraded["output_noise"] > 0)
+                         + [f" decimals={degraded['output_decimals']}"] * (degraded["output_decimals"] >= 0))
+        head = {"task": cell["task"], "optimizer": cell["method"] + suffix, "variant": cell["variant"],
+                "seed": cell["seed"], "kind": cell["kind"], "d": cell["d"], "n_ctx_text": cell["n_ctx_text"],
+                "n_ctx_vision": cell["n_ctx_vision"], "model": rec.get("model", ""), **degraded}  # fmt: skip
         rows += [{**head, **row} for row in rec["rows"]]
     return rows
 

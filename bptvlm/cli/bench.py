@@ -86,6 +86,12 @@ def add_commands(subparsers: Any) -> None:
                      help="text context lengths (default: 0 = the client's default: 8, or the template prefix's tokens if more)")
     src.add_argument("--n-ctx-vision", dest="n_ctx_vision",
                      help="visual prompt lengths (default: 0 = 5 appended tokens, or one per position for 'add')")
+    src.add_argument("--feedbacks", help="feedback objectives: logits, probs, loss, topk[:K], label, auto (default: auto, "
+                     "the richest the key allows)")
+    src.add_argument("--output-noises", dest="output_noises", help="Gaussian noise on the logits asked of the server "
+                     "for training and validation (default: 0)")
+    src.add_argument("--output-decimals", dest="output_decimals", help="rounding of float outputs asked of the server "
+                     "(default: -1 = none)")
     st = p.add_argument_group("settings shared by every cell")
     st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: the preset's)")
     st.add_argument("--sigma", type=float, help="projection scale (default: the preset's)")

@@ -47,6 +47,10 @@ def _serve(args: argparse.Namespace) -> int:
         "header_timeout_s": args.header_timeout,
         "body_timeout_s": args.body_timeout,
         "max_connections": args.max_connections,
+        "outputs": args.outputs,
+        "output_decimals": args.output_decimals,
+        "output_noise": args.output_noise,
+        "output_noise_seed": args.output_noise_seed,
     }
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})  # flags over BPTVLM_* env
@@ -105,6 +109,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--header-timeout", type=float, help="seconds a connection has to send a request's headers (default 10)")
     p.add_argument("--body-timeout", type=float, help="seconds the whole request body has to arrive, else 408 (default 60)")
     p.add_argument("--max-connections", type=int, help="open connections; more are closed at once (default 256)")
+    p.add_argument("--outputs", metavar="POLICY", help="output policy: logits (default: every output), probs, loss "
+                   "(the paper's: a loss per candidate only), topk:K or label; a key's own policy (`bptvlm keys "
+                   "create --outputs`) can only narrow it; asking for more is 403")
+    p.add_argument("--output-decimals", type=int, metavar="D", help="round every float output to D decimals")
+    p.add_argument("--output-noise", type=float, metavar="S", help="std of Gaussian noise added to the logits before "
+                   "any output is derived (seeded by key and request id: a retry gets the same outputs)")
+    p.add_argument("--output-noise-seed", type=int, help="with key and request id, fixes the noise; keep it private "
+                   "and the same across restarts (default 0)")
     p.add_argument("--ready-probe-seconds", type=float, help="when no forward pass succeeded for this long, run "
                    "a tiny one (charged to nobody) so readiness stays current (default 30; 0: never)")
     p.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, finish in-flight requests this long")
@@ -127,7 +139,8 @@ def _keys(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.keys_command == "create":
-            token = ledger.create_key(args.name, quota=args.quota, requests_per_minute=args.requests_per_minute)
+            token = ledger.create_key(args.name, quota=args.quota, requests_per_minute=args.requests_per_minute,
+                                      outputs=args.outputs)
             print(token)
             print(f"key {args.name!r} created; the token above is shown only now", file=sys.stderr)
         elif args.keys_command == "revoke":
@@ -137,7 +150,8 @@ def _keys(args: argparse.Namespace) -> int:
             for k in ledger.keys():
                 quota = "unlimited" if k.quota is None else k.quota
                 rpm = "-" if k.requests_per_minute is None else k.requests_per_minute
-                print(f"{k.name}\tquota={quota}\trpm={rpm}\t{'revoked' if k.revoked else 'active'}")
+                print(f"{k.name}\tquota={quota}\trpm={rpm}\t{'revoked' if k.revoked else 'active'}"
+                      f"\toutputs={k.outputs or 'server'}")
         else:  # usage
             keys = [ledger.key(args.name)] if args.name else ledger.keys()
             rows = {k.name: {**ledger.usage(k).model_dump(), "remaining": ledger.remaining(k)} for k in keys}
@@ -160,6 +174,8 @@ def _add_keys(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--quota", type=int, help="candidates (queries) this key may evaluate; default unlimited")
     create.add_argument("--requests-per-minute", type=int, help="rate limit; default unlimited")
+    create.add_argument("--outputs", metavar="POLICY", help="this key's output policy: logits, probs, loss, topk:K "
+                        "or label (default: the server's); the stricter of it and the server's applies")
     revoke = ks.add_parser("revoke", help="refuse a key from now on", description="Refuse a key from now on.")
     revoke.add_argument("name")
     ks.add_parser("list", help="one key a line", description="List keys with quota, rate limit and state.")
