@@ -71,8 +71,9 @@ class TuneConfig:
                        "harmonic_mean", choices=PROTOCOLS)
     feedback: str | None = _f(None, "what the optimizer is told (client/feedback.py): cross-entropy from logits or "
                               "probs, the server's loss, a top-K cross-entropy with the unseen mass (topk or topk:K), "
-                              "or the error rate of hard labels (label); default: the richest the key's output "
-                              "policy allows (the model metadata says which)")
+                              "or the error rate of hard labels (label); default: the server's loss where the key's "
+                              "output policy allows it (the same cross-entropy, the smallest reply), else the richest "
+                              "it allows (the model metadata says which)")
     output_noise: float = _f(0.0, "ask the server for training and validation outputs with at least this much Gaussian "
                              "noise on the logits (a noisier service, simulated by the server; its own noise applies "
                              "if larger; test accuracy is measured without it)")

@@ -9,7 +9,7 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
     seeds = [0, 1]
     variants = ["joint", "text"]
     intrinsic_dims = [500]          # d_text = d_vision = d
-    feedbacks = ["logits", "label"] # client/feedback.py ("auto": the richest the key allows)
+    feedbacks = ["logits", "label"] # client/feedback.py ("auto": loss where allowed, else the richest)
     output_noises = [0.0, 0.5]      # Gaussian noise on the logits, asked of the server (training and validation)
     output_decimals = [-1, 2]       # rounding of float outputs (-1: none)
     baselines = ["zero-shot", "ensemble", "coop", "same-shape", "linear-probe"]
@@ -57,7 +57,7 @@ class Grid:
     intrinsic_dims: tuple[int, ...] = ()  # (): the preset's d_text (d_text = d_vision = d)
     n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (8, or the template prefix's tokens if more)
     n_ctx_vision: tuple[int, ...] = (0,)  # 0: the client's default (5 appended, one per position for 'add')
-    # Stricter services (client/feedback.py, server/outputs.py): "" = the richest feedback the key allows;
+    # Stricter services (client/feedback.py, server/outputs.py): "" = the default feedback (loss where allowed, else the richest);
     # noise 0 and decimals -1 = none beyond the server's own. Degradations apply to training and validation.
     feedbacks: tuple[str, ...] = ("",)
     output_noises: tuple[float, ...] = (0.0,)
@@ -193,7 +193,7 @@ class Cell:
     d: int
     n_ctx_text: int
     n_ctx_vision: int
-    feedback: str = ""  # "": the richest the key allows
+    feedback: str = ""  # "": the default (loss where the key allows it, else the richest)
     output_noise: float = 0.0
     output_decimals: int = -1  # -1: none
 

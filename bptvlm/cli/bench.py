@@ -87,7 +87,7 @@ def add_commands(subparsers: Any) -> None:
     src.add_argument("--n-ctx-vision", dest="n_ctx_vision",
                      help="visual prompt lengths (default: 0 = 5 appended tokens, or one per position for 'add')")
     src.add_argument("--feedbacks", help="feedback objectives: logits, probs, loss, topk[:K], label, auto (default: auto, "
-                     "the richest the key allows)")
+                     "the server's loss where the key allows it, else the richest it allows)")
     src.add_argument("--output-noises", dest="output_noises", help="Gaussian noise on the logits asked of the server "
                      "for training and validation (default: 0)")
     src.add_argument("--output-decimals", dest="output_decimals", help="rounding of float outputs asked of the server "

@@ -39,9 +39,10 @@ def _access(policy: str) -> OutputAccess:
     return OutputAccess.model_validate(access(parse_policy(policy), None, 0.0))
 
 
-@pytest.mark.parametrize(("policy", "default"), [("logits", "logits"), ("probs", "probs"), ("loss", "loss"),
+# the server's loss where allowed (the same cross-entropy as from logits, one float a candidate), else the richest
+@pytest.mark.parametrize(("policy", "default"), [("logits", "loss"), ("probs", "loss"), ("loss", "loss"),
                                                  ("topk:2", "topk"), ("label", "label")])
-def test_the_default_feedback_is_the_richest_the_policy_allows(policy: str, default: str) -> None:
+def test_the_default_feedback_is_the_loss_else_the_richest_the_policy_allows(policy: str, default: str) -> None:
     assert resolve_feedback(None, _access(policy)) == default
     assert resolve_feedback(None, LEGACY_ACCESS) == "loss"  # a server from before policies: as tuning always was
 
