@@ -79,7 +79,7 @@ def run_blackbox(
     template = task_template(config, data)
     projection = build_projection(client, limits, config, template, len(data.class_names))
     task = RemoteTask(client, data, template, config)
-    strategy = make_strategy(StrategySpec(config.optimizer, config.popsize, projection.dimension, config.budget, config.seed))
+    strategy = make_strategy(StrategySpec.of(config, projection))
     marks = _Marks(task, projection, strategy, grid, bar)
 
     def score(z: np.ndarray, tag: str) -> np.ndarray:
