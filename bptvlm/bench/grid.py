@@ -9,6 +9,9 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
     seeds = [0, 1]
     variants = ["joint", "text"]
     intrinsic_dims = [500]          # d_text = d_vision = d
+    depths = ["1", "all"]           # prompted layers per tower (client/deep.py)
+    deep_schedules = ["cycle", "joint"]
+    subspaces = ["separate", "shared"]
     baselines = ["zero-shot", "ensemble", "coop", "linear-probe"]
     whitebox_model = "embedded"     # only with it: CoOp and the linear probe (white-box)
     preset = "paper"                # where every setting not given comes from (client/config.py)
@@ -46,6 +49,9 @@ class Grid:
     intrinsic_dims: tuple[int, ...] = ()  # (): the preset's d_text (d_text = d_vision = d)
     n_ctx_text: tuple[int, ...] = (0,)  # 0: the client's default (8, or the template prefix's tokens if more)
     n_ctx_vision: tuple[int, ...] = (0,)  # 0: the client's default (5 appended, one per position for 'add')
+    depths: tuple[str, ...] = ()  # (): the preset's depth ("1": shallow)
+    deep_schedules: tuple[str, ...] = ()  # (): the preset's; only cells with depth > 1 vary it
+    subspaces: tuple[str, ...] = ()  # (): the preset's; "shared" only for the joint variant
     # None: the preset's (TuneConfig fields of the same names)
     popsize: int | None = None
     sigma: float | None = None
@@ -70,10 +76,12 @@ class Grid:
         for name in ("popsize", "sigma", "shots", "val_shots", "loss", "visual_prompt_position", "text_context"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(base, name))
-        for axis, name in (("optimizers", "optimizer"), ("variants", "variant"), ("intrinsic_dims", "d_text")):
+        for axis, name in (("optimizers", "optimizer"), ("variants", "variant"), ("intrinsic_dims", "d_text"),
+                           ("depths", "depth"), ("deep_schedules", "deep_schedule"), ("subspaces", "subspace")):
             if not getattr(self, axis):
                 object.__setattr__(self, axis, (getattr(base, name),))
-        for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision"):
+        for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision",
+                     "depths", "deep_schedules", "subspaces"):
             if not getattr(self, name):
                 raise ValueError(f"grid axis {name!r} is empty")
         if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
@@ -96,9 +104,10 @@ class Grid:
         return self.budgets[-1]
 
     def cells(self) -> list[Cell]:
-        """Black-box cells, task-major (a run's first cells cover every task)."""
-        return [
-            Cell(task, "blackbox", opt, variant, seed, d, nt, nv)
+        """Black-box cells, task-major (a run's first cells cover every task). A shallow cell has no
+        schedule (one per depth-1 cell), and a shared subspace is only for the joint variant."""
+        cells = [
+            Cell(task, "blackbox", opt, variant, seed, d, nt, nv, depth, schedule if depth != "1" else "cycle", subspace)
             for seed in self.seeds
             for task in self.tasks
             for opt in self.optimizers
@@ -106,7 +115,12 @@ class Grid:
             for d in self.intrinsic_dims
             for nt in self.n_ctx_text
             for nv in self.n_ctx_vision
+            for depth in self.depths
+            for schedule in self.deep_schedules
+            for subspace in self.subspaces
+            if subspace == "separate" or variant == "joint"
         ]
+        return list(dict.fromkeys(cells))  # depth-1 cells once, whatever the schedules
 
     def baseline_cells(self, whitebox: bool) -> list[Cell]:
         """Baseline cells; the white-box ones only when the model is in-process."""
@@ -144,6 +158,14 @@ class Cell:
     d: int
     n_ctx_text: int
     n_ctx_vision: int
+    depth: str = "1"
+    deep_schedule: str = "cycle"
+    subspace: str = "separate"
+
+    @property
+    def variant_label(self) -> str:
+        """The variant as tables show it: with the depth, schedule and subspace where not shallow and separate."""
+        return variant_label(asdict(self))
 
     def tune_config(self, grid: Grid) -> Any:
         """The client's ``TuneConfig`` of this cell (budget = the grid's largest)."""
@@ -167,6 +189,8 @@ class Cell:
             variant=self.variant if self.kind == "blackbox" else "text",
             shots=grid.shots,
             val_shots=grid.val_shots,
+            **({"depth": self.depth, "deep_schedule": self.deep_schedule, "subspace": self.subspace}
+               if self.kind == "blackbox" else {}),
         )
 
     def key(self, grid: Grid, model_id: str) -> str:
@@ -175,13 +199,34 @@ class Cell:
         if self.kind == "blackbox" and self.variant != "vision" and grid.text_context != "shared":
             # only the tuned text context depends on it; keyed only when set, so cells cached before it existed stay valid
             settings["text_context"] = grid.text_context
-        blob = json.dumps({"cell": asdict(self), "grid": settings, "model": model_id}, sort_keys=True, default=list)
+        cell = asdict(self)
+        for name, default in DEEP_DEFAULTS.items():  # keyed only when set: cells cached before the deep axes stay valid
+            if cell[name] == default:
+                del cell[name]
+        blob = json.dumps({"cell": cell, "grid": settings, "model": model_id}, sort_keys=True, default=list)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
         safe_task = "".join(c if c.isalnum() or c in "-_" else "_" for c in self.task)[-40:]
         parts = [safe_task, self.method, self.variant.replace("-", "none"), f"s{self.seed}"]
         if self.kind == "blackbox":
             parts += [f"d{self.d}", f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
+            if self.depth != "1":
+                parts.append(f"k{self.depth}{self.deep_schedule}")
+            if self.subspace != "separate":
+                parts.append(self.subspace)
         return "__".join(parts + [digest])
+
+
+DEEP_DEFAULTS = {"depth": "1", "deep_schedule": "cycle", "subspace": "separate"}
+
+
+def variant_label(cell: dict[str, Any]) -> str:
+    """``joint``, ``joint deep=all cycle``, ``joint shared``... from a cell's fields (as stored)."""
+    parts = [str(cell["variant"])]
+    if cell.get("depth", "1") != "1":
+        parts.append(f"deep={cell['depth']} {cell.get('deep_schedule', 'cycle')}")
+    if cell.get("subspace", "separate") != "separate":
+        parts.append(str(cell["subspace"]))
+    return " ".join(parts)
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -74,6 +74,11 @@ def add_commands(subparsers: Any) -> None:
                      help="text context lengths (default: 0 = the client's default: 8, or the template prefix's tokens if more)")
     src.add_argument("--n-ctx-vision", dest="n_ctx_vision",
                      help="visual prompt lengths (default: 0 = 5 appended tokens, or one per position for 'add')")
+    src.add_argument("--depths", help="prompted layers per tower: 1 (shallow), K or all (default: the preset's, 1)")
+    src.add_argument("--deep-schedules", dest="deep_schedules", help="cycle (the paper's: a layer per generation, in turn) "
+                     "or joint (one z for every layer); varies only cells with depth > 1 (default: cycle)")
+    src.add_argument("--subspaces", help="separate or shared (one z for text and visual prompts; joint variant only) "
+                     "(default: separate)")
     st = p.add_argument_group("settings shared by every cell")
     st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: the preset's)")
     st.add_argument("--sigma", type=float, help="projection scale (default: the preset's)")
