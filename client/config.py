@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .deep import SCHEDULES, SUBSPACES, check_depth
+from .deep import DEEP_MODES, SCHEDULES, SUBSPACES, check_depth
 from .projection import PLACEMENTS, TEXT_CONTEXTS
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -70,6 +70,9 @@ class TuneConfig:
     subspace: str = _f("separate", "z's text and visual parts apart (separate, the paper's) or one vector of "
                        "--intrinsic-dim-text dimensions projected to both prompts (shared, ours; variant joint)",
                        choices=SUBSPACES)
+    deep_prompt_mode: str = _f("replace", "with --depth > 1: a layer's prompt replaces the prompt positions' hidden "
+                               "states (replace, the paper's) or is added to them (add, ours: z = 0 is then exactly the "
+                               "shallow prompt)", choices=DEEP_MODES)
 
     def __post_init__(self) -> None:
         from .strategies import check_strategy_name  # nevergrad, only when a config is built
@@ -89,7 +92,7 @@ class TuneConfig:
         if isinstance(self.depth, int) and not isinstance(self.depth, bool):  # the Python API may pass a number
             object.__setattr__(self, "depth", str(self.depth))
         check_depth(self.depth)
-        for name, allowed in (("deep_schedule", SCHEDULES), ("subspace", SUBSPACES)):
+        for name, allowed in (("deep_schedule", SCHEDULES), ("subspace", SUBSPACES), ("deep_prompt_mode", DEEP_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, received {getattr(self, name)!r}")
         if self.subspace == "shared" and 0 in self.dims():

@@ -29,6 +29,7 @@ from bptvlm.shared.protocol import TEXT_CONTEXT, TEXT_DEEP_PROMPT, VISUAL_DEEP_P
 from .projection import PromptProjection
 
 SCHEDULES = ("cycle", "joint")
+DEEP_MODES = ("replace", "add")  # the server's deep_prompt_mode: replace the states (the paper's) or add to them
 SUBSPACES = ("separate", "shared")
 DEPTH_PATTERN = re.compile(r"^(all|[1-9][0-9]*)$")
 

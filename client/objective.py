@@ -17,6 +17,7 @@ import numpy as np
 from bptvlm.shared.errors import NotFoundError
 from bptvlm.shared.protocol import (CLASS_NAMES, IMAGE_BATCH, LABELS, LOGITS, LOSS, PARAM_CONTEXT_INIT, PARAM_LOSS,
                                     PARAM_VISUAL_PROMPT_POSITION, TEXT_CONTEXT, VISUAL_PROMPT, Usage)
+from bptvlm.shared.protocol import PARAM_DEEP_PROMPT_MODE, TEXT_DEEP_PROMPT, VISUAL_DEEP_PROMPT
 
 from .api import ClipClient, InferResult, add_usage
 from .config import Template, TuneConfig
@@ -103,6 +104,9 @@ class RemoteTask:
             params[PARAM_CONTEXT_INIT] = self.template.prefix
         if VISUAL_PROMPT in prompts:
             params[PARAM_VISUAL_PROMPT_POSITION] = self.config.visual_prompt_position
+        mode = getattr(self.config, "deep_prompt_mode", "replace")
+        if mode != "replace" and (TEXT_DEEP_PROMPT in prompts or VISUAL_DEEP_PROMPT in prompts):
+            params[PARAM_DEEP_PROMPT_MODE] = mode
         return params
 
     def query(

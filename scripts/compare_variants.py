@@ -8,7 +8,8 @@ printed next to zero-shot. Configurations: text with one context for every class
 class-specific context) or both added up (mixed, ours); vision and joint with the paper's placement
 (pre_ln) and with our two (post_ln: appended after the pre-layer-norm; add: one vector added to each
 vision position); joint with the mixed text context; deep prompts at every layer (cycle: the paper's
-schedule, joint: one z for every layer) and the shared subspace (one z for both prompts).
+schedule, joint: one z for every layer; "add": deep prompts added to the states, ours) and the shared
+subspace (one z for both prompts).
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ CONFIGS = {
                                       "depth": "all", "deep_schedule": "cycle"},
     "joint pre_ln mixed deep joint": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
                                       "depth": "all", "deep_schedule": "joint"},
+    "text mixed deep cycle add": {"variant": "text", "text_context": "mixed", "depth": "all", "deep_schedule": "cycle",
+                                  "deep_prompt_mode": "add"},
+    "text mixed deep joint add": {"variant": "text", "text_context": "mixed", "depth": "all", "deep_schedule": "joint",
+                                  "deep_prompt_mode": "add"},
+    "joint pre_ln mixed deep cycle add": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                          "depth": "all", "deep_schedule": "cycle", "deep_prompt_mode": "add"},
+    "joint pre_ln mixed deep joint add": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                          "depth": "all", "deep_schedule": "joint", "deep_prompt_mode": "add"},
     "joint pre_ln mixed shared": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
                                   "subspace": "shared"},
 }

@@ -20,15 +20,20 @@ from typing import Any
 import torch
 from transformers.masking_utils import create_causal_mask
 
+DEEP_MODES = ("replace", "add")  # replace: the paper's (VPT-deep); add: ours, offsets to the states (z = 0 is shallow)
 OUTLIER_SIGMAS = 3.0  # the reference drops hidden-state values further than this from the mean before taking the std
 
 
-def replace_positions(hidden: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
-    """``hidden [B, L, D]`` with positions ``start .. start + n`` replaced by ``prompt [B, n, D]`` (a new tensor)."""
+def replace_positions(hidden: torch.Tensor, prompt: torch.Tensor, start: int, mode: str = "replace") -> torch.Tensor:
+    """``hidden [B, L, D]`` with positions ``start .. start + n`` replaced by ``prompt [B, n, D]`` (``add``:
+    shifted by it), as a new tensor."""
     n = prompt.shape[1]
     if start + n > hidden.shape[1]:
         raise ValueError(f"a deep prompt of {n} vectors at position {start} does not fit {hidden.shape[1]} positions")
-    return torch.cat([hidden[:, :start], prompt.to(hidden.dtype), hidden[:, start + n :]], dim=1)
+    if mode not in DEEP_MODES:
+        raise ValueError(f"deep prompt mode must be one of {DEEP_MODES}, received {mode!r}")
+    middle = prompt.to(hidden.dtype) if mode == "replace" else hidden[:, start : start + n] + prompt.to(hidden.dtype)
+    return torch.cat([hidden[:, :start], middle, hidden[:, start + n :]], dim=1)
 
 
 def run_layers(
@@ -39,17 +44,19 @@ def run_layers(
     deep: torch.Tensor | None = None,
     start: int = 0,
     capture: list[torch.Tensor] | None = None,
+    mode: str = "replace",
     **kwargs: Any,
 ) -> torch.Tensor:
     """``encoder.layers`` over ``hidden [B, L, D]``; ``deep [B, Ld, n, D]`` replaces positions
     ``start .. start + n`` at the input of layers ``1 .. Ld``. ``capture`` receives every layer's input
-    (after its replacement) and the last layer's output: ``len(layers) + 1`` tensors ``[B, L, D]``."""
+    (after its replacement) and the last layer's output: ``len(layers) + 1`` tensors ``[B, L, D]``.
+    ``mode="add"`` adds ``deep`` to those positions instead of replacing them."""
     layers = encoder.layers
     if deep is not None and deep.shape[1] > len(layers) - 1:
         raise ValueError(f"a deep prompt for {deep.shape[1]} layers; the tower has {len(layers)} (layers 1..{len(layers) - 1})")
     for i, layer in enumerate(layers):
         if deep is not None and 1 <= i <= deep.shape[1]:
-            hidden = replace_positions(hidden, deep[:, i - 1], start)
+            hidden = replace_positions(hidden, deep[:, i - 1], start, mode)
         if capture is not None:
             capture.append(hidden)
         hidden = layer(hidden, mask, **kwargs)
@@ -71,6 +78,7 @@ def text_hidden(
     *,
     deep: torch.Tensor | None = None,
     capture: list[torch.Tensor] | None = None,
+    mode: str = "replace",
 ) -> torch.Tensor:
     """Token embeddings ``embeds [B, L, D]`` (no positions; the shallow context already in place after
     BOS) -> last hidden states ``[B, L, D]``, causal as the library's text forward; ``deep [B, Ld, n, D]``
@@ -78,7 +86,7 @@ def text_hidden(
     seq = embeds.shape[1]
     x = embeds + text_model.embeddings.position_embedding(text_model.embeddings.position_ids[:, :seq])
     mask = create_causal_mask(config=text_model.config, inputs_embeds=x, attention_mask=None, cache=None)
-    return run_layers(text_model.encoder, x, mask, deep=deep, start=1, capture=capture, is_causal=True)
+    return run_layers(text_model.encoder, x, mask, deep=deep, start=1, capture=capture, mode=mode, is_causal=True)
 
 
 def text_pooled(text_model: Any, hidden: torch.Tensor, eos_at: torch.Tensor) -> torch.Tensor:
@@ -93,13 +101,14 @@ def vision_hidden(
     deep: torch.Tensor | None = None,
     start: int | None = None,
     capture: list[torch.Tensor] | None = None,
+    mode: str = "replace",
 ) -> torch.Tensor:
     """Tokens ``[B, T + m, D]`` after the pre-layer-norm (the shallow prompt appended last) -> last hidden
     states; ``deep [B, Ld, m, D]`` replaces the last ``m`` positions (or those from ``start``) at layers
     ``1 .. Ld``."""
     if deep is not None and start is None:
         start = tokens.shape[1] - deep.shape[2]
-    return run_layers(vision_model.encoder, tokens, None, deep=deep, start=start or 0, capture=capture)
+    return run_layers(vision_model.encoder, tokens, None, deep=deep, start=start or 0, capture=capture, mode=mode)
 
 
 def vision_pooled(vision_model: Any, hidden: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ class PromptedCLIP:
     @torch.inference_mode()
     def encode_text(
         self, batch: TextBatch, context: torch.Tensor | None = None, *, pad_to: int | None = None,
-        deep: torch.Tensor | None = None,
+        deep: torch.Tensor | None = None, deep_mode: str = "replace",
     ) -> torch.Tensor:
         """Normalised text features ``[P, C, E]`` (``P = 1`` without context).
 
@@ -183,7 +183,7 @@ class PromptedCLIP:
         Sequences are padded to the longest one; ``pad_to`` pads further (the reference implementation's
         full context length: same result, more work; only benchmarks use it).
         ``deep``: ``[P, Ld, n_ctx, D_text]`` (with a context), every class's context positions at the input
-        of layers ``1 .. Ld``.
+        of layers ``1 .. Ld`` (``deep_mode="add"``: added to the states there).
         """
         n_ctx = 0 if context is None else context.shape[-2]
         if deep is not None and (context is None or deep.shape[-2] != n_ctx):
@@ -202,7 +202,7 @@ class PromptedCLIP:
             x[:, :, 1 : 1 + n_ctx] = ctx if ctx.dim() == 4 else ctx.unsqueeze(1)
             p, c, seq, d = x.shape
             dp = None if deep is None else layers.per_row(deep[sl].to(self.device, self.dtype), c)  # [p * C, Ld, n, D]
-            feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p), dp).reshape(p, c, -1))
+            feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p), dp, deep_mode).reshape(p, c, -1))
         return torch.cat(feats)
 
     def _assemble_ids(self, batch: TextBatch, n_ctx: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,10 +220,11 @@ class PromptedCLIP:
         eos_at = torch.tensor([len(r) - 1 for r in rows], device=self.device)
         return ids, eos_at
 
-    def _text_tower(self, embeds: torch.Tensor, eos_at: torch.Tensor, deep: torch.Tensor | None = None) -> torch.Tensor:
+    def _text_tower(self, embeds: torch.Tensor, eos_at: torch.Tensor, deep: torch.Tensor | None = None,
+                    deep_mode: str = "replace") -> torch.Tensor:
         """``embeds [B, L, D]`` (token embeddings, no positions), ``deep [B, Ld, n, D]`` -> normalised
         features ``[B, E]``."""
-        hidden = layers.text_hidden(self._text, embeds, deep=deep)
+        hidden = layers.text_hidden(self._text, embeds, deep=deep, mode=deep_mode)
         pooled = layers.text_pooled(self._text, hidden, eos_at)
         return _normalize(self.model.text_projection(pooled), self.dtype)
 
@@ -234,6 +235,7 @@ class PromptedCLIP:
         prompt: torch.Tensor | None = None,
         placement: Placement = "pre_ln",
         deep: torch.Tensor | None = None,
+        deep_mode: str = "replace",
     ) -> torch.Tensor:
         """Normalised image features ``[P, N, E]`` (``P = 1`` without prompt).
 
@@ -265,18 +267,19 @@ class PromptedCLIP:
                 if placement == "pre_ln":
                     x = self._vision.pre_layrnorm(x)
                 dp = None if deep is None else layers.per_row(deep[sl].to(self.device, self.dtype), nn_)  # [p * n', Ld, m, Dv]
-                part.append(self._vision_tower(x, normed=True, deep=dp).reshape(p, nn_, -1))
+                part.append(self._vision_tower(x, normed=True, deep=dp, deep_mode=deep_mode).reshape(p, nn_, -1))
             rows.append(torch.cat(part))
         return torch.cat(rows, dim=1)
 
     def _vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._vision.embeddings(pixel_values.to(self.device, self.dtype))  # [N, 1 + patches, Dv]
 
-    def _vision_tower(self, tokens: torch.Tensor, normed: bool = False, deep: torch.Tensor | None = None) -> torch.Tensor:
+    def _vision_tower(self, tokens: torch.Tensor, normed: bool = False, deep: torch.Tensor | None = None,
+                      deep_mode: str = "replace") -> torch.Tensor:
         """Tokens ``[B, T, Dv]`` -> normalised features ``[B, E]``; ``normed``: pre-LN already applied;
         ``deep [B, Ld, m, Dv]``: replaces the last ``m`` tokens at layers ``1 .. Ld``."""
         x = tokens if normed else self._vision.pre_layrnorm(tokens)
-        hidden = layers.vision_hidden(self._vision, x, deep=deep)
+        hidden = layers.vision_hidden(self._vision, x, deep=deep, mode=deep_mode)
         pooled = layers.vision_pooled(self._vision, hidden)
         return _normalize(self.model.visual_projection(pooled), self.dtype)
 

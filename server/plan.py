@@ -20,6 +20,7 @@ from bptvlm.shared.errors import InvalidTensorError, PayloadTooLargeError, Proto
 from bptvlm.shared.tensors import datatype_of
 
 from .config import Settings
+from .deep import DEEP_MODES
 from .images import ImageBatch
 from .model import PromptedCLIP, TextBatch
 
@@ -36,7 +37,7 @@ _INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 }
 JSON_BYTES_PER_FLOAT = 24  # "-1.2345678901234567e-05," : the longest a float32 prints as in a JSON list
 _KNOWN_PARAMETERS = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
-                     "binary_data_output"}
+                     "binary_data_output", p.PARAM_DEEP_PROMPT_MODE}
 
 
 @dataclass
@@ -332,7 +333,11 @@ class Planner:
         init = params.get(p.PARAM_CONTEXT_INIT)
         if init is not None:
             self._check_context_init(init, context)
-        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init}
+        deep_mode = params.get(p.PARAM_DEEP_PROMPT_MODE, "replace")
+        if deep_mode not in DEEP_MODES:
+            raise ProtocolError(f"parameter '{p.PARAM_DEEP_PROMPT_MODE}' must be 'replace' or 'add', received {deep_mode!r}")
+        return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init,
+                "deep_prompt_mode": deep_mode}
 
     def _check_context_init(self, init: Any, context: np.ndarray | None) -> None:
         name = p.PARAM_CONTEXT_INIT

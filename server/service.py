@@ -249,7 +249,8 @@ class InferenceService:
         text = self.text_features.get(names) if ctx is None else None
         if text is None:
             try:
-                text = model.encode_text(plan.tokens, ctx, deep=_tensor(plan.text_deep, model))
+                text = model.encode_text(plan.tokens, ctx, deep=_tensor(plan.text_deep, model),
+                                         deep_mode=params.get("deep_prompt_mode", "replace"))
             except ValueError as exc:
                 raise InvalidTensorError(f"input '{p.CLASS_NAMES}': {exc}") from None
             if ctx is None:
@@ -257,7 +258,8 @@ class InferenceService:
         if prompt is not None:
             vp = torch.from_numpy(prompt.astype(np.float32))
             image = model.encode_images(batch.pixel_values, vp, params["visual_prompt_position"],
-                                        deep=_tensor(plan.visual_deep, model))
+                                        deep=_tensor(plan.visual_deep, model),
+                                        deep_mode=params.get("deep_prompt_mode", "replace"))
             forwards = image.shape[0] * batch.num_images
         elif batch.features is not None:
             image, forwards = batch.features, 0

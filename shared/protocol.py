@@ -52,6 +52,9 @@ PARAM_VISUAL_PROMPT_POSITION = "visual_prompt_position"
 # Text whose token embeddings the server adds to text_context (zero-padded to n_ctx), so that a
 # context of zeros reproduces the hand-written template without the client ever seeing an embedding.
 PARAM_CONTEXT_INIT = "context_init"
+# How deep prompts enter layers 1..: "replace" (the paper's: they replace the prompt positions' states) or
+# "add" (ours: they are added to those states, so a zero deep prompt is exactly the shallow prompt).
+PARAM_DEEP_PROMPT_MODE = "deep_prompt_mode"
 
 Parameters = dict[str, Any]
 

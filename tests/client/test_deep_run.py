@@ -24,6 +24,7 @@ from .test_client_resume import APP, DyingClient, _data, _Killed, _same_run
 CASES = {
     "cycle": {"depth": "all", "deep_schedule": "cycle"},
     "joint": {"depth": "all", "deep_schedule": "joint"},
+    "cycle-added": {"depth": "all", "deep_schedule": "cycle", "deep_prompt_mode": "add"},
     "shared-subspace": {"subspace": "shared", "d_vision": APP["d_text"]},
     "cycle-mixed-context": {"depth": "2", "deep_schedule": "cycle", "text_context": "mixed", "variant": "joint"},
 }

@@ -108,3 +108,13 @@ def test_malformed_deep_prompts_are_refused_with_what_was_wrong(client: TestClie
     if case != "no_shallow" and case != "add_placement":
         name = p.VISUAL_DEEP_PROMPT if "visual_deep_prompt" in error.split(":")[0] else p.TEXT_DEEP_PROMPT
         assert f"input '{name}'" in error
+
+
+def test_deep_prompt_mode_add_with_zero_prompts_is_the_shallow_request(client: TestClient) -> None:
+    inputs = _inputs()
+    zeros = {**inputs, p.TEXT_DEEP_PROMPT: np.zeros_like(inputs[p.TEXT_DEEP_PROMPT]),
+             p.VISUAL_DEEP_PROMPT: np.zeros_like(inputs[p.VISUAL_DEEP_PROMPT])}
+    shallow = {k: v for k, v in inputs.items() if k not in (p.TEXT_DEEP_PROMPT, p.VISUAL_DEEP_PROMPT)}
+    np.testing.assert_array_equal(_loss(client, zeros, parameters={p.PARAM_DEEP_PROMPT_MODE: "add"}), _loss(client, shallow))
+    r = _post(client, inputs, parameters={p.PARAM_DEEP_PROMPT_MODE: "sum"})
+    assert r.status_code == 400 and "'deep_prompt_mode' must be 'replace' or 'add'" in r.json()["error"]

@@ -158,3 +158,22 @@ def test_published_hidden_stats_one_per_layer_input_clipped(model: PromptedCLIP)
     assert PromptedCLIP(tiny_random_clip(seed=1, layers=DEPTH)).limits == lim  # a fixed probe
     values = torch.cat([torch.randn(10_000, generator=_gen()), torch.tensor([1e3, -1e3])])
     assert layers.clipped_std(values) == pytest.approx(1.0, abs=0.05) and float(values.std()) > 10
+
+
+def test_added_deep_prompts_are_offsets_to_the_states_and_zero_is_the_shallow_prompt(model: PromptedCLIP) -> None:
+    batch, pixels = model.tokenize(CLASSES), _pixels(model, 1)
+    ctx, prompt = torch.randn(1, 3, 32, generator=_gen()) * 0.02, torch.randn(1, 2, 32, generator=_gen(1))
+    zero_t, zero_v = torch.zeros(1, DEPTH - 1, 3, 32), torch.zeros(1, DEPTH - 1, 2, 32)
+    assert torch.equal(model.encode_text(batch, ctx, deep=zero_t, deep_mode="add"), model.encode_text(batch, ctx))
+    assert torch.equal(model.encode_images(pixels, prompt, "post_ln", deep=zero_v, deep_mode="add"),
+                       model.encode_images(pixels, prompt, "post_ln"))
+    # add(offset) == replace(state + offset) at a single deep layer (the state there is the shallow run's)
+    tokens = torch.cat([model._vision.pre_layrnorm(model._vision.embeddings(pixels)), prompt], dim=1)
+    capture: list[torch.Tensor] = []
+    with torch.inference_mode():
+        layers.vision_hidden(model._vision, tokens, capture=capture)
+    offset = torch.randn(1, 1, 2, 32, generator=_gen(3))
+    added = model.encode_images(pixels, prompt, "post_ln", deep=offset, deep_mode="add")
+    replaced = model.encode_images(pixels, prompt, "post_ln", deep=capture[1][:, None, -2:] + offset)
+    torch.testing.assert_close(added, replaced, atol=1e-5, rtol=0)
+    assert not torch.allclose(added, model.encode_images(pixels, prompt, "post_ln"), atol=1e-4)
