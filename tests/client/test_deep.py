@@ -130,3 +130,20 @@ def test_a_pickled_cycle_resumes_to_the_same_result() -> None:
     rest = run_search(_quadratic(target), resumed, budget=205, popsize=10, state=half)
     assert rest.spent == whole.spent == 205 and rest.best_loss == whole.best_loss
     assert np.array_equal(rest.best_z, whole.best_z)
+
+
+def test_eval_of_a_saved_deep_prompt_sends_it_with_its_mode(make_client, fake_server, tmp_path) -> None:
+    from bptvlm.client.artifacts import SavedPrompts, save_prompts
+    from bptvlm.client.data import FewShotData
+    from bptvlm.client.evaluate import evaluate_saved
+
+    rng = np.random.default_rng(0)
+    tensors = {p.TEXT_CONTEXT: np.zeros((1, 2, 6), np.float32), p.TEXT_DEEP_PROMPT: np.ones((1, 2, 2, 6), np.float32)}
+    meta = {"model": "fake-clip", "template": "a photo of a {}.", "class_names": ["cat", "dog"], "deep_prompt_mode": "add"}
+    save_prompts(tmp_path / "p.safetensors", SavedPrompts(tensors=tensors, meta=meta))
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    data = FewShotData(["cat", "dog"], images, np.array([0, 1, 0, 1]), images, np.array([0, 1, 0, 1]))
+    evaluate_saved(make_client(), tmp_path / "p.safetensors", data)
+    prompted = [(req, arrays) for req, arrays in fake_server.infer_bodies if p.TEXT_DEEP_PROMPT in arrays]
+    assert prompted and all(req.parameters[p.PARAM_DEEP_PROMPT_MODE] == "add" for req, _ in prompted)
+    np.testing.assert_array_equal(prompted[0][1][p.TEXT_DEEP_PROMPT], tensors[p.TEXT_DEEP_PROMPT])

@@ -14,6 +14,7 @@ from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import load_prompts
 from bptvlm.client.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from bptvlm.client.config import TuneConfig
+from bptvlm.client.evaluate import evaluate_saved
 from bptvlm.client.run import resume_tuning, run_tuning
 from bptvlm.client.strategies import LayerCycle, layer_budgets
 from bptvlm.server.app import create_app
@@ -53,6 +54,8 @@ def test_each_schedule_spends_its_budget_and_resumes_after_a_kill_to_the_same_re
     assert resumed["server_usage"]["candidates"] == whole["server_usage"]["candidates"] == 27 + whole["eval_queries"]
     _same_run(tmp_path / "whole", tmp_path / "resumed")
     meta = load_prompts(tmp_path / "whole" / "prompts.safetensors").meta
+    applied = evaluate_saved(client, tmp_path / "whole" / "prompts.safetensors", data)  # bptvlm eval: same prompt, same mode
+    assert applied["test_accuracy"] == whole["test_accuracy"]
     strategy = pickle.loads(load_checkpoint(tmp_path / "whole" / CHECKPOINT_FILE).strategy)
     if CASES[case].get("deep_schedule") == "cycle":
         assert isinstance(strategy, LayerCycle) and strategy.spent == layer_budgets(27, 5, 2) == [15, 12]

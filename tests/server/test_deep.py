@@ -177,3 +177,17 @@ def test_added_deep_prompts_are_offsets_to_the_states_and_zero_is_the_shallow_pr
     replaced = model.encode_images(pixels, prompt, "post_ln", deep=capture[1][:, None, -2:] + offset)
     torch.testing.assert_close(added, replaced, atol=1e-5, rtol=0)
     assert not torch.allclose(added, model.encode_images(pixels, prompt, "post_ln"), atol=1e-4)
+
+
+def test_the_layer_functions_carry_gradients_to_deep_prompts(model: PromptedCLIP) -> None:
+    # the white-box ceiling trains the same prompt form in-process: no inference_mode inside server/deep.py
+    ctx = torch.randn(3, 32, generator=_gen())
+    embeds, eos_at = _text_embeds(model, ctx)
+    deep_t = torch.zeros(len(CLASSES), DEPTH - 1, 3, 32, requires_grad=True)
+    tokens = _vision_tokens(model, _pixels(model, 2), torch.randn(2, 32, generator=_gen(1)))
+    deep_v = torch.zeros(2, DEPTH - 1, 2, 32, requires_grad=True)
+    text = layers.text_pooled(model._text, layers.text_hidden(model._text, embeds, deep=deep_t), eos_at)
+    image = layers.vision_pooled(model._vision, layers.vision_hidden(model._vision, tokens, deep=deep_v))
+    (text.square().sum() + image.square().sum()).backward()
+    assert deep_t.grad is not None and deep_v.grad is not None
+    assert all(float(g.abs().sum()) > 0 for g in (*deep_t.grad.unbind(1), *deep_v.grad.unbind(1)))
