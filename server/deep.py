@@ -8,9 +8,9 @@ the layers after ``Ld`` run as usual.
 
 Plain functions over ``text_model`` / ``vision_model`` (``CLIPTextTransformer`` /
 ``CLIPVisionTransformer``): no ``inference_mode`` and no in-place writes on their inputs, so a
-white-box trainer can call them under autograd. The encoder loop is the library's own
-(``CLIPEncoder.forward`` calls each layer with the mask and keyword arguments), so without a deep
-prompt the result is the library encoder's, bit for bit.
+white-box trainer can call them under autograd. Without a deep prompt (and nothing to capture) the
+towers run the library's own ``encoder`` module (compiled in place by ``--compile``); with one, the
+same loop ``CLIPEncoder.forward`` runs (each layer with the mask and keyword arguments), eager.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def run_layers(
     ``start .. start + n`` at the input of layers ``1 .. Ld``. ``capture`` receives every layer's input
     (after its replacement) and the last layer's output: ``len(layers) + 1`` tensors ``[B, L, D]``.
     ``mode="add"`` adds ``deep`` to those positions instead of replacing them."""
+    if deep is None and capture is None:  # the library's encoder module itself (what --compile compiles)
+        return encoder(inputs_embeds=hidden, attention_mask=mask, **kwargs).last_hidden_state
     layers = encoder.layers
     if deep is not None and deep.shape[1] > len(layers) - 1:
         raise ValueError(f"a deep prompt for {deep.shape[1]} layers; the tower has {len(layers)} (layers 1..{len(layers) - 1})")

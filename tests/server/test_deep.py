@@ -48,10 +48,10 @@ def test_without_deep_prompt_the_layer_loop_is_the_library_encoder_bit_for_bit(m
     x = embeds + model._text.embeddings.position_embedding(model._text.embeddings.position_ids[:, : embeds.shape[1]])
     mask = create_causal_mask(config=model._text.config, inputs_embeds=x, attention_mask=None, cache=None)
     with torch.inference_mode():
-        ours = layers.text_hidden(model._text, embeds)
+        ours = layers.text_hidden(model._text, embeds, capture=[])  # capturing: the layer loop, not the module
         library = model._text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         tokens = _vision_tokens(model, _pixels(model), torch.randn(2, 32, generator=_gen(1)))
-        ours_v = layers.vision_hidden(model._vision, tokens)
+        ours_v = layers.vision_hidden(model._vision, tokens, capture=[])
         library_v = model._vision.encoder(inputs_embeds=tokens).last_hidden_state
     assert torch.equal(ours, library) and torch.equal(ours_v, library_v)
 
