@@ -45,7 +45,7 @@ from bptvlm.launch import local_server
 from bptvlm.roofline import measure_precision
 from bptvlm.server.calibration import measure_batch_images
 from bptvlm.server.loading import load_model
-from bptvlm.server.model import PromptedCLIP, default_batch_images, loss_per_candidate
+from bptvlm.server.model import PromptedCLIP, loss_per_candidate
 from bptvlm.server.precision import dtype_name, resolve_dtype
 
 TARGETS = {"http_vs_inprocess": 0.95, "batched_vs_loop": 3.0, "textonly_vs_joint": 10.0, "micro_batch": 1.0,

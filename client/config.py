@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
+from .deep import DEEP_MODES, SCHEDULES, SUBSPACES, check_depth
 from .projection import PLACEMENTS, TEXT_CONTEXTS
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -79,6 +80,18 @@ class TuneConfig:
                              "if larger; test accuracy is measured without it)")
     output_decimals: int | None = _f(None, "ask the server to round training and validation outputs to at most this "
                                      "many decimals (as --output-noise: the coarser of it and the server's applies)")
+    depth: str = _f("1", "prompted layers of each tower: 1 is shallow (the prompts enter before layer 0 only); K > 1 "
+                    "also replaces the prompt positions at the input of layers 1..K-1 (capped at each tower's depth), "
+                    "'all' at every layer (the paper's deep variant)")
+    deep_schedule: str = _f("cycle", "with --depth > 1: one projection and optimizer per layer, optimised in turn one "
+                            "generation each (cycle, the paper's), or one z for every layer, each through its own "
+                            "projection (joint, ours)", choices=SCHEDULES)
+    subspace: str = _f("separate", "z's text and visual parts apart (separate, the paper's) or one vector of "
+                       "--intrinsic-dim-text dimensions projected to both prompts (shared, ours; variant joint)",
+                       choices=SUBSPACES)
+    deep_prompt_mode: str = _f("replace", "with --depth > 1: a layer's prompt replaces the prompt positions' hidden "
+                               "states (replace, the paper's) or is added to them (add, ours: z = 0 is then exactly the "
+                               "shallow prompt)", choices=DEEP_MODES)
 
     def __post_init__(self) -> None:
         from .strategies import check_strategy_name  # nevergrad, only when a config is built
@@ -98,6 +111,18 @@ class TuneConfig:
                               ("visual_prompt_position", PLACEMENTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, received {getattr(self, name)!r}")
+        if isinstance(self.depth, int) and not isinstance(self.depth, bool):  # the Python API may pass a number
+            object.__setattr__(self, "depth", str(self.depth))
+        check_depth(self.depth)
+        for name, allowed in (("deep_schedule", SCHEDULES), ("subspace", SUBSPACES), ("deep_prompt_mode", DEEP_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, received {getattr(self, name)!r}")
+        if self.subspace == "shared" and 0 in self.dims():
+            raise ValueError(f"subspace 'shared' projects one z to both prompts: it needs variant 'joint', received "
+                             f"{self.variant!r} (with these dims/n_ctx)")
+        if self.depth != "1" and self.visual_prompt_position == "add" and self.dims()[1]:
+            raise ValueError("deep visual prompts replace appended tokens; visual_prompt_position 'add' appends none: "
+                             "use pre_ln or post_ln with --depth > 1")
         if self.text_context == "mixed" and self.d_text < 2:
             raise ValueError(f"text_context 'mixed' splits d_text between a shared and a per-class part; d_text={self.d_text}")
         from .feedback import check_feedback

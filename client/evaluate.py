@@ -43,7 +43,8 @@ def evaluate_saved(client: ClipClient, prompts_path: str | Path, data: TaskLike,
                              f"(class_names in its metadata); the data's {len(data.class_names)} classes differ")
         logger.warning("class names differ from the tuning run's; applying the context to the new ones")
     config = TuneConfig(loss=meta.get("loss", "ce"), visual_prompt_position=meta.get("visual_prompt_position", "pre_ln"),
-                        template=meta["template"], budget=1)  # fmt: skip
+                        template=meta["template"], budget=1,
+                        deep_prompt_mode=meta.get("deep_prompt_mode", "replace"))  # fmt: skip
     task = RemoteTask(client, data, Template(meta["template"]), config, access=access_of(metadata))
     tuned, zero_shot = task.accuracies("test", saved.prompts()), task.accuracies("test", {})
     if tuned is None or zero_shot is None:

@@ -18,6 +18,7 @@ from bptvlm.shared.errors import NotFoundError
 from bptvlm.shared.protocol import (CLASS_NAMES, IMAGE_BATCH, LABELS, LOSS, PARAM_CONTEXT_INIT, PARAM_LOSS,
                                     PARAM_OUTPUT_DECIMALS, PARAM_OUTPUT_NOISE, PARAM_VISUAL_PROMPT_POSITION,
                                     TEXT_CONTEXT, VISUAL_PROMPT, OutputAccess, Usage)
+from bptvlm.shared.protocol import PARAM_DEEP_PROMPT_MODE, TEXT_DEEP_PROMPT, VISUAL_DEEP_PROMPT
 
 from .api import ClipClient, InferResult, add_usage
 from .config import Template, TuneConfig
@@ -108,6 +109,9 @@ class RemoteTask:
             params[PARAM_CONTEXT_INIT] = self.template.prefix
         if VISUAL_PROMPT in prompts:
             params[PARAM_VISUAL_PROMPT_POSITION] = self.config.visual_prompt_position
+        mode = getattr(self.config, "deep_prompt_mode", "replace")
+        if mode != "replace" and (TEXT_DEEP_PROMPT in prompts or VISUAL_DEEP_PROMPT in prompts):
+            params[PARAM_DEEP_PROMPT_MODE] = mode
         return params
 
     def query(

@@ -40,6 +40,8 @@ class PromptProjection:
     ``z`` and its key is absent from the output.
     """
 
+    cycle_blocks: tuple[int, ...] = ()  # one z, one optimizer (deep.DeepProjection's cycle has blocks)
+
     def __init__(
         self,
         limits: PromptLimits,
@@ -191,9 +193,14 @@ def visual_prompt_length(limits: PromptLimits, n_ctx_vision: int | None, positio
     return vision_positions(limits) if position == "add" else DEFAULT_N_CTX_VISION
 
 
-def build_projection(tokens: Any, limits: PromptLimits, config: Any, template: Any, num_classes: int) -> PromptProjection:
-    """The client's projection for a ``TuneConfig``, with the default prompt lengths resolved."""
+def build_projection(tokens: Any, limits: PromptLimits, config: Any, template: Any, num_classes: int) -> Any:
+    """The client's projection for a ``TuneConfig``, with the default prompt lengths resolved: a
+    ``PromptProjection``, or for deep prompts or a shared subspace a ``deep.DeepProjection`` over it."""
+    from .deep import deepen
+
     d_text, d_vision = config.dims()
+    if getattr(config, "subspace", "separate") == "shared" and d_text and d_vision:
+        d_vision = d_text  # one vector drives both prompts
     class_contexts = 0 if config.text_context == "shared" else num_classes
     n_ctx = text_context_length(tokens, config.n_ctx_text, template) if d_text else 0
     size = d_text * max(1, class_contexts) * n_ctx * limits.text_width * 4
@@ -203,7 +210,7 @@ def build_projection(tokens: Any, limits: PromptLimits, config: Any, template: A
             f"(d_text x classes x n_ctx x {limits.text_width} floats) and as many context vectors per candidate; "
             f"use --text-context shared, or fewer classes"
         )
-    return PromptProjection(
+    return deepen(PromptProjection(
         limits,
         n_ctx_text=n_ctx,
         n_ctx_vision=visual_prompt_length(limits, config.n_ctx_vision, config.visual_prompt_position) if d_vision else 0,
@@ -214,4 +221,4 @@ def build_projection(tokens: Any, limits: PromptLimits, config: Any, template: A
         visual_prompt_position=config.visual_prompt_position,
         class_contexts=class_contexts,
         shared_text_dims=d_text // 2 if config.text_context == "mixed" else 0,
-    )
+    ), config)

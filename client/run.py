@@ -190,8 +190,7 @@ def start(
     setup = _setup(client, data, config, metadata)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    strategy = make_strategy(StrategySpec(setup.config.optimizer, setup.config.popsize, setup.projection.dimension,
-                                          setup.config.budget, setup.config.seed))  # fmt: skip
+    strategy = make_strategy(StrategySpec.of(setup.config, setup.projection))
     state = Checkpoint(config=asdict(setup.config), run_id=uuid.uuid4().hex, model_id=setup.model_id,
                        data_fingerprint=setup.fingerprint, template=setup.template.text, strategy=b"",
                        extra={"started_at": _now(), **(extra or {})})  # fmt: skip
@@ -248,9 +247,7 @@ def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progr
     state.check(model_id=setup.model_id, data_fingerprint=setup.fingerprint, template=setup.template.text)
     logger.info("resuming %s at generation %d: %d of %d training queries spent",
                 out, state.generation, state.train_queries, setup.config.budget)  # fmt: skip
-    strategy = state.load_strategy() if state.strategy else make_strategy(
-        StrategySpec(setup.config.optimizer, setup.config.popsize, setup.projection.dimension, setup.config.budget,
-                     setup.config.seed))  # fmt: skip
+    strategy = state.load_strategy() if state.strategy else make_strategy(StrategySpec.of(setup.config, setup.projection))
     return _protocol_finish(_execute(setup, out, state, strategy, progress, tensorboard), client, new, setup, out).summary
 
 

@@ -11,6 +11,9 @@ generation per request and tells it whole, so a strategy's own population must b
   optimizer that evaluates one candidate at a time is refused for ``popsize > 1``, with what to use.
 - ``SPSA`` is ours (``BatchedSPSA``): P/2 antithetic perturbation pairs per request and one averaged
   gradient estimate per generation (ZIP's estimator), optionally clipped.
+- ``LayerCycle`` (deep prompts, the paper's schedule): z is one block per layer, each block with its own
+  strategy of the named kind; generation ``g`` is asked of layer ``g mod K``, the other blocks held at the
+  best point seen. Built by ``make_strategy`` when the spec has ``blocks``.
 
 Strategies are found by name in ``STRATEGIES`` (ours) and then nevergrad's registry; an unknown name
 gets close-name suggestions from both.
@@ -70,6 +73,13 @@ class StrategySpec:
     dimension: int
     budget: int
     seed: int
+    blocks: tuple[int, ...] = ()  # z's blocks optimised in turn (LayerCycle); (): one strategy over all of z
+
+    @classmethod
+    def of(cls, config: Any, projection: Any) -> StrategySpec:
+        """The spec of a run: a ``TuneConfig`` and its projection (whose ``cycle_blocks`` ask for a cycle)."""
+        return cls(config.optimizer, config.popsize, projection.dimension, config.budget, config.seed,
+                   tuple(getattr(projection, "cycle_blocks", ())))
 
 
 # --------------------------------------------------------------------------------------- nevergrad
@@ -218,6 +228,59 @@ class BatchedSPSA:
         return f"BatchedSPSA(a={self.a}, c={self.c}, max_grad_norm={self.max_grad_norm})"
 
 
+# ------------------------------------------------------------------------------------ layer cycle
+
+
+def layer_budgets(budget: int, popsize: int, layers: int) -> list[int]:
+    """Training queries each layer gets when generation ``g`` (``min(popsize, what is left)`` queries)
+    goes to layer ``g mod layers``: they add up to ``budget`` exactly."""
+    out = [0] * layers
+    for g, start in enumerate(range(0, budget, popsize)):
+        out[g % layers] += min(popsize, budget - start)
+    return out
+
+
+class LayerCycle:
+    """One strategy per block of z (per prompted layer), asked in turn, one generation each: layer
+    ``l``'s candidates vary block ``l`` and hold the others at the best point seen (z = 0 at first)."""
+
+    def __init__(self, spec: StrategySpec) -> None:
+        if sum(spec.blocks) != spec.dimension or len(spec.blocks) < 2:
+            raise ValueError(f"a layer cycle needs >= 2 blocks adding up to {spec.dimension}, received {spec.blocks}")
+        self.name, self.dimension, self.blocks = spec.name, spec.dimension, spec.blocks
+        self.starts = [sum(spec.blocks[:i]) for i in range(len(spec.blocks))]
+        budgets = layer_budgets(spec.budget, spec.popsize, len(spec.blocks))
+        self.inner = [make_strategy(StrategySpec(spec.name, spec.popsize, size, max(1, b), spec.seed + 7919 * i))
+                      for i, (size, b) in enumerate(zip(spec.blocks, budgets))]
+        self.active = 0  # the layer the next generation belongs to
+        self.spent = [0] * len(spec.blocks)  # training queries told to each layer
+        self.incumbent = np.zeros(spec.dimension, dtype=np.float32)
+        self.incumbent_loss = float("inf")
+
+    def _block(self, layer: int) -> slice:
+        return slice(self.starts[layer], self.starts[layer] + self.blocks[layer])
+
+    def ask(self, n: int) -> np.ndarray:
+        z = np.repeat(self.incumbent[None, :], n, axis=0)
+        z[:, self._block(self.active)] = self.inner[self.active].ask(n)
+        return z
+
+    def tell(self, z: np.ndarray, losses: np.ndarray) -> None:
+        self.inner[self.active].tell(z[:, self._block(self.active)], losses)
+        self.spent[self.active] += len(losses)
+        i = int(np.argmin(losses))
+        if losses[i] < self.incumbent_loss:
+            self.incumbent, self.incumbent_loss = np.asarray(z[i], dtype=np.float32).copy(), float(losses[i])
+        self.active = (self.active + 1) % len(self.blocks)
+
+    def recommend(self) -> np.ndarray:
+        """Each layer's own recommendation, side by side."""
+        return np.concatenate([s.recommend() for s in self.inner]).astype(np.float32)
+
+    def describe(self) -> str:
+        return f"LayerCycle({len(self.blocks)} layers x {self.inner[0].describe()})"
+
+
 # ---------------------------------------------------------------------------------------- registry
 
 STRATEGIES: dict[str, Callable[[StrategySpec], Strategy]] = {"SPSA": BatchedSPSA}
@@ -237,6 +300,8 @@ def check_strategy_name(name: str) -> None:
 def make_strategy(spec: StrategySpec) -> Strategy:
     """The strategy ``spec.name`` over ``z in R^spec.dimension``, starting at 0, seeded."""
     check_strategy_name(spec.name)
+    if spec.blocks:
+        return LayerCycle(spec)
     if spec.name in STRATEGIES:
         return STRATEGIES[spec.name](spec)
     return NevergradStrategy(spec)

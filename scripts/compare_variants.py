@@ -7,7 +7,9 @@ One server; for every task and seed, every configuration below is tuned over the
 printed next to zero-shot. Configurations: text with one context for every class (the paper's), one per class (CoOp's
 class-specific context) or both added up (mixed, ours); vision and joint with the paper's placement
 (pre_ln) and with our two (post_ln: appended after the pre-layer-norm; add: one vector added to each
-vision position); joint with the mixed text context.
+vision position); joint with the mixed text context; deep prompts at every layer (cycle: the paper's
+schedule, joint: one z for every layer; "add": deep prompts added to the states, ours) and the shared
+subspace (one z for both prompts).
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ CONFIGS = {
     "joint add": {"variant": "joint", "visual_prompt_position": "add", "text_context": "shared"},
     "joint pre_ln mixed": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed"},
     "joint add mixed": {"variant": "joint", "visual_prompt_position": "add", "text_context": "mixed"},
+    # deep prompts (every layer of each tower) and the shared subspace (client/deep.py)
+    "text mixed deep cycle": {"variant": "text", "text_context": "mixed", "depth": "all", "deep_schedule": "cycle"},
+    "text mixed deep joint": {"variant": "text", "text_context": "mixed", "depth": "all", "deep_schedule": "joint"},
+    "joint pre_ln mixed deep cycle": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                      "depth": "all", "deep_schedule": "cycle"},
+    "joint pre_ln mixed deep joint": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                      "depth": "all", "deep_schedule": "joint"},
+    "text mixed deep cycle add": {"variant": "text", "text_context": "mixed", "depth": "all", "deep_schedule": "cycle",
+                                  "deep_prompt_mode": "add"},
+    "text mixed deep joint add": {"variant": "text", "text_context": "mixed", "depth": "all", "deep_schedule": "joint",
+                                  "deep_prompt_mode": "add"},
+    "joint pre_ln mixed deep cycle add": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                          "depth": "all", "deep_schedule": "cycle", "deep_prompt_mode": "add"},
+    "joint pre_ln mixed deep joint add": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                          "depth": "all", "deep_schedule": "joint", "deep_prompt_mode": "add"},
+    "joint pre_ln mixed shared": {"variant": "joint", "visual_prompt_position": "pre_ln", "text_context": "mixed",
+                                  "subspace": "shared"},
 }
 
 

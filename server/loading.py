@@ -74,15 +74,15 @@ def build_word_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
                         normalizer=normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()]))
 
 
-def tiny_random_clip(seed: int = 0) -> LoadedModel:
-    """A small random-weight CLIP (32 px, patch 8, width 32) for tests and smoke runs."""
+def tiny_random_clip(seed: int = 0, layers: int = 2) -> LoadedModel:
+    """A small random-weight CLIP (32 px, patch 8, width 32, ``layers`` per tower) for tests and smoke runs."""
     tokenizer = build_word_tokenizer([_TINY_CORPUS])
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             max_position_embeddings=32,
             bos_token_id=tokenizer.bos_token_id,
@@ -92,7 +92,7 @@ def tiny_random_clip(seed: int = 0) -> LoadedModel:
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             image_size=32,
             patch_size=8,

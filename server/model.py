@@ -10,6 +10,9 @@ under the causal mask: nothing before EOS attends to what follows it).
 Vision: ``m`` prompt tokens are appended to ``[CLS, patches]`` after the position embeddings, before
 the pre-layer-norm (``pre_ln``, the paper's placement), or after it (``post_ln``, ours: the prompt then
 keeps the scale the client gave it instead of being normalised to full strength). Pooling at CLS.
+
+Deep prompts (``deep.py``): at the input of every layer ``l >= 1`` up to the deep prompt's depth, the
+context positions (text) or the appended prompt tokens (vision) are replaced by that layer's own vectors.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.masking_utils import create_causal_mask
 
 from bptvlm.shared.protocol import Placement, PromptLimits
 
+from . import deep as layers
 from .cache import ByteLRU, text_bytes
 from .loading import LoadedModel
 
@@ -114,7 +117,22 @@ class PromptedCLIP:
             patch_embedding_mean=float(patch.mean()),
             patch_embedding_std=float(patch.std()),
             patch_token_std=float(tokens[:, 1:].float().std()),
+            text_layers=len(self._text.encoder.layers),
+            vision_layers=len(self._vision.encoder.layers),
+            text_hidden_std=layers.text_layer_stds(self._text, self._text_probe_ids()),
+            vision_hidden_std=layers.vision_layer_stds(self._vision, pixels.to(self.device)),
         )
+
+    def _text_probe_ids(self) -> torch.Tensor:
+        """The fixed text probe of the published hidden-state statistics: 8 sequences of BOS, 16
+        fixed-seed random token ids and EOS (fewer ids when the model's context is shorter)."""
+        tcfg, tok = self.model.config.text_config, self.tokenizer
+        length = min(16, tcfg.max_position_embeddings - 2)
+        gen = torch.Generator().manual_seed(0)
+        body = torch.randint(0, tcfg.vocab_size, (8, length), generator=gen)
+        bos = torch.full((8, 1), tok.bos_token_id if tok.bos_token_id is not None else 0)
+        eos = torch.full((8, 1), tok.eos_token_id if tok.eos_token_id is not None else tcfg.vocab_size - 1)
+        return torch.cat([bos, body, eos], dim=1).to(self.device)
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -155,7 +173,8 @@ class PromptedCLIP:
 
     @torch.inference_mode()
     def encode_text(
-        self, batch: TextBatch, context: torch.Tensor | None = None, *, pad_to: int | None = None
+        self, batch: TextBatch, context: torch.Tensor | None = None, *, pad_to: int | None = None,
+        deep: torch.Tensor | None = None, deep_mode: str = "replace",
     ) -> torch.Tensor:
         """Normalised text features ``[P, C, E]`` (``P = 1`` without context).
 
@@ -163,8 +182,12 @@ class PromptedCLIP:
         one per class (CoOp's class-specific context), placed after BOS, before each class text.
         Sequences are padded to the longest one; ``pad_to`` pads further (the reference implementation's
         full context length: same result, more work; only benchmarks use it).
+        ``deep``: ``[P, Ld, n_ctx, D_text]`` (with a context), every class's context positions at the input
+        of layers ``1 .. Ld`` (``deep_mode="add"``: added to the states there).
         """
         n_ctx = 0 if context is None else context.shape[-2]
+        if deep is not None and (context is None or deep.shape[-2] != n_ctx):
+            raise ValueError(f"a deep text prompt of {deep.shape[-2]} vectors needs a context of as many, received {n_ctx}")
         if context is not None and context.dim() == 4 and context.shape[1] != len(batch.token_ids):
             raise ValueError(f"a class-specific context has {context.shape[1]} classes, the request {len(batch.token_ids)}")
         ids, eos_at = self._assemble_ids(batch, n_ctx, pad_to)  # [C, L], [C]
@@ -178,7 +201,8 @@ class PromptedCLIP:
             x = embeds.unsqueeze(0).repeat(ctx.shape[0], 1, 1, 1)  # [p, C, L, D]
             x[:, :, 1 : 1 + n_ctx] = ctx if ctx.dim() == 4 else ctx.unsqueeze(1)
             p, c, seq, d = x.shape
-            feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p)).reshape(p, c, -1))
+            dp = None if deep is None else layers.per_row(deep[sl].to(self.device, self.dtype), c)  # [p * C, Ld, n, D]
+            feats.append(self._text_tower(x.reshape(p * c, seq, d), eos_at.repeat(p), dp, deep_mode).reshape(p, c, -1))
         return torch.cat(feats)
 
     def _assemble_ids(self, batch: TextBatch, n_ctx: int, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,14 +220,12 @@ class PromptedCLIP:
         eos_at = torch.tensor([len(r) - 1 for r in rows], device=self.device)
         return ids, eos_at
 
-    def _text_tower(self, embeds: torch.Tensor, eos_at: torch.Tensor) -> torch.Tensor:
-        """``embeds [B, L, D]`` (token embeddings, no positions) -> normalised features ``[B, E]``."""
-        seq = embeds.shape[1]
-        positions = self._text.embeddings.position_ids[:, :seq]
-        x = embeds + self._text.embeddings.position_embedding(positions)
-        mask = create_causal_mask(config=self._text.config, inputs_embeds=x, attention_mask=None, cache=None)
-        hidden = self._text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
-        pooled = self._text.final_layer_norm(hidden[torch.arange(hidden.shape[0], device=self.device), eos_at])
+    def _text_tower(self, embeds: torch.Tensor, eos_at: torch.Tensor, deep: torch.Tensor | None = None,
+                    deep_mode: str = "replace") -> torch.Tensor:
+        """``embeds [B, L, D]`` (token embeddings, no positions), ``deep [B, Ld, n, D]`` -> normalised
+        features ``[B, E]``."""
+        hidden = layers.text_hidden(self._text, embeds, deep=deep, mode=deep_mode)
+        pooled = layers.text_pooled(self._text, hidden, eos_at)
         return _normalize(self.model.text_projection(pooled), self.dtype)
 
     @torch.inference_mode()
@@ -212,13 +234,18 @@ class PromptedCLIP:
         pixel_values: torch.Tensor,
         prompt: torch.Tensor | None = None,
         placement: Placement = "pre_ln",
+        deep: torch.Tensor | None = None,
+        deep_mode: str = "replace",
     ) -> torch.Tensor:
         """Normalised image features ``[P, N, E]`` (``P = 1`` without prompt).
 
         ``pixel_values``: ``[N, 3, S, S]``; ``prompt``: ``[P, m, D_vision]`` (``m`` = the tower's
-        positions for ``placement="add"``, any ``m`` for the appended placements).
+        positions for ``placement="add"``, any ``m`` for the appended placements); ``deep``:
+        ``[P, Ld, m, D_vision]`` (appended placements only), the prompt tokens at the input of layers ``1 .. Ld``.
         """
         n = pixel_values.shape[0]
+        if deep is not None and (prompt is None or placement == "add" or deep.shape[-2] != prompt.shape[1]):
+            raise ValueError("a deep visual prompt of m tokens needs an appended visual prompt of m tokens")
         if prompt is None:
             feats = [self._vision_tower(self._vision_tokens(pixel_values[sl])) for sl in _chunks(n, self.max_batch_images)]
             return torch.cat(feats).unsqueeze(0)
@@ -239,18 +266,21 @@ class PromptedCLIP:
                 x = x.reshape(p * nn_, -1, tokens.shape[-1])
                 if placement == "pre_ln":
                     x = self._vision.pre_layrnorm(x)
-                part.append(self._vision_tower(x, normed=True).reshape(p, nn_, -1))
+                dp = None if deep is None else layers.per_row(deep[sl].to(self.device, self.dtype), nn_)  # [p * n', Ld, m, Dv]
+                part.append(self._vision_tower(x, normed=True, deep=dp, deep_mode=deep_mode).reshape(p, nn_, -1))
             rows.append(torch.cat(part))
         return torch.cat(rows, dim=1)
 
     def _vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._vision.embeddings(pixel_values.to(self.device, self.dtype))  # [N, 1 + patches, Dv]
 
-    def _vision_tower(self, tokens: torch.Tensor, normed: bool = False) -> torch.Tensor:
-        """Tokens ``[B, T, Dv]`` -> normalised features ``[B, E]``; ``normed``: pre-LN already applied."""
+    def _vision_tower(self, tokens: torch.Tensor, normed: bool = False, deep: torch.Tensor | None = None,
+                      deep_mode: str = "replace") -> torch.Tensor:
+        """Tokens ``[B, T, Dv]`` -> normalised features ``[B, E]``; ``normed``: pre-LN already applied;
+        ``deep [B, Ld, m, Dv]``: replaces the last ``m`` tokens at layers ``1 .. Ld``."""
         x = tokens if normed else self._vision.pre_layrnorm(tokens)
-        hidden = self._vision.encoder(inputs_embeds=x).last_hidden_state
-        pooled = self._vision.post_layernorm(hidden[:, 0])
+        hidden = layers.vision_hidden(self._vision, x, deep=deep, mode=deep_mode)
+        pooled = layers.vision_pooled(self._vision, hidden)
         return _normalize(self.model.visual_projection(pooled), self.dtype)
 
     # --- scores ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from bptvlm.shared.errors import InvalidTensorError, PayloadTooLargeError, Proto
 from bptvlm.shared.tensors import datatype_of
 
 from .config import Settings
+from .deep import DEEP_MODES
 from .images import ImageBatch
 from .model import PromptedCLIP, TextBatch
 from .policy import classification_counts, degradation_parameters
@@ -32,10 +33,12 @@ _INPUT_TYPES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     p.IMAGE_BATCH: (("BYTES",), (1,)),
     p.LABELS: (("INT64", "INT32"), (1,)),
     p.CLASS_NAMES: (("BYTES",), (1,)),
+    p.TEXT_DEEP_PROMPT: (("FP32", "FP16"), (4,)),
+    p.VISUAL_DEEP_PROMPT: (("FP32", "FP16"), (4,)),
 }
 JSON_BYTES_PER_FLOAT = 24  # "-1.2345678901234567e-05," : the longest a float32 prints as in a JSON list
 _KNOWN_PARAMETERS = {p.PARAM_LOSS, p.PARAM_FOCAL_GAMMA, p.PARAM_VISUAL_PROMPT_POSITION, p.PARAM_CONTEXT_INIT,
-                     "binary_data_output", p.PARAM_OUTPUT_NOISE, p.PARAM_OUTPUT_DECIMALS}
+                     "binary_data_output", p.PARAM_OUTPUT_NOISE, p.PARAM_OUTPUT_DECIMALS, p.PARAM_DEEP_PROMPT_MODE}
 
 
 @dataclass
@@ -59,6 +62,8 @@ class RequestPlan:
     batch: ImageBatch | None = None
     classify: dict[str, int] = field(default_factory=dict)  # output name -> K of a top-K (server/policy.py)
     request_id: str | None = None  # seeds the output noise (server/outputs.py)
+    text_deep: np.ndarray | None = None  # [P, Ld_t, n, D_t]
+    visual_deep: np.ndarray | None = None  # [P, Ld_v, m, D_v]
 
 
 def describe(array: np.ndarray) -> str:
@@ -157,13 +162,14 @@ class Planner:
         wanted = self._outputs(request, labels is not None)
         params = self.parameters(request.parameters or {}, context)
         self._check_visual_prompt(prompt, params["visual_prompt_position"])
+        text_deep, visual_deep = self._deep_prompts(arrays, context, prompt, params["visual_prompt_position"])
         n_ctx = 0 if context is None else context.shape[-2]
         tokens = self._tokens(class_texts, n_ctx)
         binary = self._binary(request, wanted)
         classify = classification_counts(request)
         self._check_response_size(population, num_images, len(class_texts), wanted, binary, classify)
         return RequestPlan(population, num_images, class_texts, tokens, context, prompt, labels, wanted, params,
-                           binary, images, batch, classify, request.id)
+                           binary, images, batch, classify, request.id, text_deep, visual_deep)
 
     def _prompts(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray | None, np.ndarray | None, int]:
         lim = self.limits
@@ -183,6 +189,35 @@ class Planner:
         if population > self.settings.max_population:
             raise PayloadTooLargeError(f"population {population} is over the limit of {self.settings.max_population}")
         return context, prompt, population
+
+    def _deep_prompts(self, arrays: dict[str, np.ndarray], context: np.ndarray | None, prompt: np.ndarray | None,
+                      placement: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``text_deep_prompt [P, Ld, n, D_t]`` and ``visual_deep_prompt [P, Ld, m, D_v]``: each beside its
+        shallow prompt (same P and length), ``1 <= Ld <= layers - 1``, finite."""
+        lim = self.limits
+        out = []
+        for name, shallow_name, shallow, width, depth in (
+            (p.TEXT_DEEP_PROMPT, p.TEXT_CONTEXT, context, lim.text_width, lim.text_layers),
+            (p.VISUAL_DEEP_PROMPT, p.VISUAL_PROMPT, prompt, lim.vision_width, lim.vision_layers),
+        ):
+            array = checked(arrays, name)
+            out.append(array)
+            if array is None:
+                continue
+            if shallow is None:
+                raise InvalidTensorError(f"input '{name}' needs the shallow prompt '{shallow_name}' (layer 0) beside it")
+            if name == p.VISUAL_DEEP_PROMPT and placement == "add":
+                raise InvalidTensorError(f"input '{name}' replaces appended prompt tokens; visual_prompt_position 'add' "
+                                         "appends none: use 'pre_ln' or 'post_ln'")
+            pop, layers, length, dim = array.shape
+            n = shallow.shape[-2]
+            if pop != shallow.shape[0] or not 1 <= layers <= depth - 1 or length != n or dim != width:
+                raise InvalidTensorError(
+                    f"input '{name}': expected [P={shallow.shape[0]}, 1 <= layers <= {depth - 1}, n={n}, {width}] "
+                    f"(layers 1.. of the {depth}-layer tower, as many vectors as '{shallow_name}'), received {describe(array)}")
+            if not np.isfinite(array).all():
+                raise InvalidTensorError(f"input '{name}': {int((~np.isfinite(array)).sum())} values are NaN or infinite")
+        return out[0], out[1]
 
     def _class_texts(self, arrays: dict[str, np.ndarray]) -> list[str]:
         names = checked(arrays, p.CLASS_NAMES)
@@ -305,8 +340,11 @@ class Planner:
         init = params.get(p.PARAM_CONTEXT_INIT)
         if init is not None:
             self._check_context_init(init, context)
+        deep_mode = params.get(p.PARAM_DEEP_PROMPT_MODE, "replace")
+        if deep_mode not in DEEP_MODES:
+            raise ProtocolError(f"parameter '{p.PARAM_DEEP_PROMPT_MODE}' must be 'replace' or 'add', received {deep_mode!r}")
         return {"loss": loss, "focal_gamma": float(gamma), "visual_prompt_position": placement, "context_init": init,
-                **degradation_parameters(params)}
+                "deep_prompt_mode": deep_mode, **degradation_parameters(params)}
 
     def _check_context_init(self, init: Any, context: np.ndarray | None) -> None:
         name = p.PARAM_CONTEXT_INIT

@@ -167,6 +167,8 @@ def model_metadata(model_name: str, service: Service, key: ApiKey) -> p.ModelMet
             t(name=p.IMAGE_BATCH, datatype="BYTES", shape=[1]),
             t(name=p.LABELS, datatype="INT64", shape=[-1]),
             t(name=p.CLASS_NAMES, datatype="BYTES", shape=[-1]),
+            t(name=p.TEXT_DEEP_PROMPT, datatype="FP32", shape=[-1, max(0, lim.text_layers - 1), -1, lim.text_width]),
+            t(name=p.VISUAL_DEEP_PROMPT, datatype="FP32", shape=[-1, max(0, lim.vision_layers - 1), -1, lim.vision_width]),
         ],
         outputs=[o for o in _OUTPUT_TENSORS if o.name in policy.allowed],
         parameters={

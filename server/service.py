@@ -48,6 +48,11 @@ class InferenceResult:
     total: p.UsageReport | None = None  # the key's totals after this request
 
 
+def _tensor(array: np.ndarray | None, model: PromptedCLIP) -> torch.Tensor | None:
+    """A float32 (wire: FP32 or FP16) array as a tensor in the served dtype, on the model's device."""
+    return None if array is None else torch.from_numpy(array.astype(np.float32)).to(model.device, model.dtype)
+
+
 def _replayed(kept: InferenceResult) -> InferenceResult:
     return InferenceResult(kept.outputs, kept.usage, replayed=True, binary=kept.binary)
 
@@ -241,14 +246,17 @@ class InferenceService:
         text = self.text_features.get(names) if ctx is None else None
         if text is None:
             try:
-                text = model.encode_text(plan.tokens, ctx)
+                text = model.encode_text(plan.tokens, ctx, deep=_tensor(plan.text_deep, model),
+                                         deep_mode=params.get("deep_prompt_mode", "replace"))
             except ValueError as exc:
                 raise InvalidTensorError(f"input '{p.CLASS_NAMES}': {exc}") from None
             if ctx is None:
                 self.text_features.put(names, text)
         if prompt is not None:
             vp = torch.from_numpy(prompt.astype(np.float32))
-            image = model.encode_images(batch.pixel_values, vp, params["visual_prompt_position"])
+            image = model.encode_images(batch.pixel_values, vp, params["visual_prompt_position"],
+                                        deep=_tensor(plan.visual_deep, model),
+                                        deep_mode=params.get("deep_prompt_mode", "replace"))
             forwards = image.shape[0] * batch.num_images
         elif batch.features is not None:
             image, forwards = batch.features, 0

@@ -27,6 +27,10 @@ DEFAULT_MODEL_NAME = "clip"
 # Names of the tensors: the contract between client and server.
 TEXT_CONTEXT = "text_context"  # FP32/FP16 [P, n_ctx_text, D_text] shared, or [P, C, n_ctx_text, D_text] one per class
 VISUAL_PROMPT = "visual_prompt"  # FP32/FP16 [P, n_ctx_vision, D_vision]
+# Deep prompts (VPT-deep): layer l's vectors replace the context positions / appended prompt tokens at the
+# input of layer l = 1 .. Ld (Ld <= layers - 1; fewer: the first ones), beside the shallow prompt of the same length.
+TEXT_DEEP_PROMPT = "text_deep_prompt"  # FP32/FP16 [P, Ld_text, n_ctx_text, D_text], shared by every class
+VISUAL_DEEP_PROMPT = "visual_deep_prompt"  # FP32/FP16 [P, Ld_vision, n_ctx_vision, D_vision]
 IMAGES = "images"  # UINT8 [N, H, W, 3], inline
 IMAGE_BATCH = "image_batch"  # BYTES [1], id of an uploaded batch
 LABELS = "labels"  # INT64 [N]
@@ -37,7 +41,8 @@ PROBS = "probs"  # FP32 [P, N, C]: softmax of the logits
 LABEL = "label"  # INT64 [P, N]: argmax of the logits (ties: the lowest class index)
 TOPK = "topk"  # BYTES [P, N, K]: "<score>:<index>" of the K most probable classes (Triton's classification)
 
-INPUT_NAMES = (TEXT_CONTEXT, VISUAL_PROMPT, IMAGES, IMAGE_BATCH, LABELS, CLASS_NAMES)
+INPUT_NAMES = (TEXT_CONTEXT, VISUAL_PROMPT, IMAGES, IMAGE_BATCH, LABELS, CLASS_NAMES, TEXT_DEEP_PROMPT,
+               VISUAL_DEEP_PROMPT)
 OUTPUT_NAMES = (LOSS, LOGITS, PROBS, LABEL, TOPK)
 # Output parameter of the V2 classification extension: {"name": "probs", "parameters": {"classification": K}}
 # returns that output as its top K, BYTES [P, N, K] of "<value>:<index>" (as Triton does).
@@ -59,6 +64,9 @@ PARAM_CONTEXT_INIT = "context_init"
 # the noisier and the coarser of the two apply (to simulate a stricter service without restarting one).
 PARAM_OUTPUT_NOISE = "output_noise"  # float >= 0: std of Gaussian noise on the logits
 PARAM_OUTPUT_DECIMALS = "output_decimals"  # int >= 0: float outputs rounded to this many decimals
+# How deep prompts enter layers 1..: "replace" (the paper's: they replace the prompt positions' states) or
+# "add" (ours: they are added to those states, so a zero deep prompt is exactly the shallow prompt).
+PARAM_DEEP_PROMPT_MODE = "deep_prompt_mode"
 
 Parameters = dict[str, Any]
 
@@ -143,6 +151,16 @@ class PromptLimits(_Reply):
     patch_token_std: float = Field(
         description="std of the vision tokens after the pre-layer-norm (scale of post_ln prompts)"
     )
+    text_layers: int = Field(default=0, description="L_t: layers of the text tower (a deep text prompt has at most L_t - 1)")
+    vision_layers: int = Field(default=0, description="L_v: layers of the vision tower (a deep visual prompt has at most L_v - 1)")
+    text_hidden_std: list[float] = Field(
+        default_factory=list,
+        description="std of the text hidden states at the input of each layer (index 0: the encoder's input), values "
+        "beyond 3 std from the mean left out, on a fixed probe of token ids (scale of deep text prompts)")
+    vision_hidden_std: list[float] = Field(
+        default_factory=list,
+        description="std of the vision hidden states at the input of each layer (index 0: after the pre-layer-norm), "
+        "values beyond 3 std from the mean left out, on fixed-seed noise pixels (scale of deep visual prompts)")
 
 
 class OutputAccess(_Reply):

@@ -12,6 +12,9 @@ A grid file holds the same names as the flags, with ``_`` for ``-`` and lists fo
     feedbacks = ["logits", "label"] # client/feedback.py ("auto": loss where allowed, else the richest)
     output_noises = [0.0, 0.5]      # Gaussian noise on the logits, asked of the server (training and validation)
     output_decimals = [-1, 2]       # rounding of float outputs (-1: none)
+    depths = ["1", "all"]           # prompted layers per tower (client/deep.py)
+    deep_schedules = ["cycle", "joint"]
+    subspaces = ["separate", "shared"]
     baselines = ["zero-shot", "ensemble", "coop", "same-shape", "linear-probe"]
     whitebox_model = "embedded"     # only with it: CoOp, same-shape and the linear probe (white-box)
     preset = "paper"                # where every setting not given comes from (client/config.py)
@@ -62,6 +65,9 @@ class Grid:
     feedbacks: tuple[str, ...] = ("",)
     output_noises: tuple[float, ...] = (0.0,)
     output_decimals: tuple[int, ...] = (-1,)
+    depths: tuple[str, ...] = ()  # (): the preset's depth ("1": shallow)
+    deep_schedules: tuple[str, ...] = ()  # (): the preset's; only cells with depth > 1 vary it
+    subspaces: tuple[str, ...] = ()  # (): the preset's; "shared" only for the joint variant
     # None: the preset's (TuneConfig fields of the same names)
     popsize: int | None = None
     sigma: float | None = None
@@ -90,11 +96,12 @@ class Grid:
         for name in ("popsize", "sigma", "shots", "val_shots", "loss", "visual_prompt_position", "text_context"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(base, name))
-        for axis, name in (("optimizers", "optimizer"), ("variants", "variant"), ("intrinsic_dims", "d_text")):
+        for axis, name in (("optimizers", "optimizer"), ("variants", "variant"), ("intrinsic_dims", "d_text"),
+                           ("depths", "depth"), ("deep_schedules", "deep_schedule"), ("subspaces", "subspace")):
             if not getattr(self, axis):
                 object.__setattr__(self, axis, (getattr(base, name),))
         for name in ("tasks", "optimizers", "budgets", "seeds", "variants", "intrinsic_dims", "n_ctx_text", "n_ctx_vision",
-                     "feedbacks", "output_noises", "output_decimals"):
+                     "feedbacks", "output_noises", "output_decimals", "depths", "deep_schedules", "subspaces"):
             if not getattr(self, name):
                 raise ValueError(f"grid axis {name!r} is empty")
         if any(b < 1 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
@@ -139,9 +146,11 @@ class Grid:
         return sum(self.budgets_for(c.task)[-1] for c in self.cells())
 
     def cells(self) -> list[Cell]:
-        """Black-box cells, task-major (a run's first cells cover every task)."""
-        return [
-            Cell(task, "blackbox", opt, variant, seed, d, nt, nv, fb, noise, dec)
+        """Black-box cells, task-major (a run's first cells cover every task). A shallow cell has no
+        schedule (one per depth-1 cell), and a shared subspace is only for the joint variant."""
+        cells = [
+            Cell(task, "blackbox", opt, variant, seed, d, nt, nv, feedback=fb, output_noise=noise, output_decimals=dec,
+                 depth=depth, deep_schedule=schedule if depth != "1" else "cycle", subspace=subspace)
             for seed in self.seeds
             for task in self.tasks
             for opt in self.optimizers
@@ -152,7 +161,12 @@ class Grid:
             for fb in self.feedbacks
             for noise in self.output_noises
             for dec in self.output_decimals
+            for depth in self.depths
+            for schedule in self.deep_schedules
+            for subspace in self.subspaces
+            if subspace == "separate" or variant == "joint"
         ]
+        return list(dict.fromkeys(cells))  # depth-1 cells once, whatever the schedules
 
     def baseline_cells(self, whitebox: bool) -> list[Cell]:
         """Baseline cells; the white-box ones only when the model is in-process."""
@@ -196,12 +210,20 @@ class Cell:
     feedback: str = ""  # "": the default (loss where the key allows it, else the richest)
     output_noise: float = 0.0
     output_decimals: int = -1  # -1: none
+    depth: str = "1"
+    deep_schedule: str = "cycle"
+    subspace: str = "separate"
 
     def degradation(self) -> str:
         """`` feedback=label noise=0.5 decimals=2`` for what is set ("" when nothing is)."""
         parts = [f"feedback={self.feedback}"] * bool(self.feedback) + [f"noise={self.output_noise:g}"] * (
             self.output_noise > 0) + [f"decimals={self.output_decimals}"] * (self.output_decimals >= 0)
         return "".join(" " + p for p in parts)
+
+    @property
+    def variant_label(self) -> str:
+        """The variant as tables show it: with the depth, schedule and subspace where not shallow and separate."""
+        return variant_label(asdict(self))
 
     def tune_config(self, grid: Grid) -> Any:
         """The client's ``TuneConfig`` of this cell (budget = the grid's largest)."""
@@ -230,6 +252,8 @@ class Cell:
             feedback=self.feedback or None,
             output_noise=self.output_noise,
             output_decimals=self.output_decimals if self.output_decimals >= 0 else None,
+            **({"depth": self.depth, "deep_schedule": self.deep_schedule, "subspace": self.subspace}
+               if self.kind == "blackbox" else {}),
         )
 
     def key(self, grid: Grid, model_id: str) -> str:
@@ -245,8 +269,8 @@ class Cell:
         if grid.dataset_test_per_class:
             settings["dataset_test_per_class"] = grid.dataset_test_per_class
         cell = asdict(self)
-        for name, unset in (("feedback", ""), ("output_noise", 0.0), ("output_decimals", -1)):
-            if cell[name] == unset:  # keyed only when set, so cells cached before these axes stay valid
+        for name, unset in UNSET_AXES.items():  # keyed only when set, so cells cached before these axes stay valid
+            if cell[name] == unset:
                 del cell[name]
         blob = json.dumps({"cell": cell, "grid": settings, "model": model_id}, sort_keys=True, default=list)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -255,9 +279,28 @@ class Cell:
         if self.kind == "blackbox":
             parts += [f"d{self.d}", f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
             parts += [self.degradation().strip().replace("=", "").replace(" ", "_").replace(":", "")] * bool(self.degradation())
+            if self.depth != "1":
+                parts.append(f"k{self.depth}{self.deep_schedule}")
+            if self.subspace != "separate":
+                parts.append(self.subspace)
         elif self.method == "same-shape":
             parts += [f"t{self.n_ctx_text}v{self.n_ctx_vision}"]
         return "__".join(parts + [digest])
+
+
+DEEP_DEFAULTS = {"depth": "1", "deep_schedule": "cycle", "subspace": "separate"}
+# Cell fields left out of a cell's key at these values (cells cached before the axes existed keep their keys)
+UNSET_AXES = {"feedback": "", "output_noise": 0.0, "output_decimals": -1, **DEEP_DEFAULTS}
+
+
+def variant_label(cell: dict[str, Any]) -> str:
+    """``joint``, ``joint deep=all cycle``, ``joint shared``... from a cell's fields (as stored)."""
+    parts = [str(cell["variant"])]
+    if cell.get("depth", "1") != "1":
+        parts.append(f"deep={cell['depth']} {cell.get('deep_schedule', 'cycle')}")
+    if cell.get("subspace", "separate") != "separate":
+        parts.append(str(cell["subspace"]))
+    return " ".join(parts)
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -106,7 +106,7 @@ def run_blackbox(
     if new is not None:
         new_task = RemoteTask(client, new, template, config, access=access)
         new_task.meter = task.meter  # its queries are evaluation queries of the cell
-    strategy = make_strategy(StrategySpec(config.optimizer, config.popsize, projection.dimension, config.budget, config.seed))
+    strategy = make_strategy(StrategySpec.of(config, projection))
     marks = _Marks(task, projection, strategy, grid, bar, new_task)
     budgets = grid.budgets_for(cell.task)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from bptvlm.client.artifacts import write_atomic
 
+from .grid import DEEP_DEFAULTS, variant_label
+
 CELLS_DIR = "cells"
 COLUMNS = (
     "task", "optimizer", "variant", "seed", "budget", "queries", "val_accuracy", "test_accuracy", "wall_s",
@@ -55,9 +57,10 @@ def flat_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         suffix = "".join([f" feedback={degraded['feedback']}"] * bool(degraded["feedback"])
                          + [f" noise={degraded['output_noise']:g}"] * (degraded["output_noise"] > 0)
                          + [f" decimals={degraded['output_decimals']}"] * (degraded["output_decimals"] >= 0))
-        head = {"task": cell["task"], "optimizer": cell["method"] + suffix, "variant": cell["variant"],
+        head = {"task": cell["task"], "optimizer": cell["method"] + suffix, "variant": variant_label(cell),
                 "seed": cell["seed"], "kind": cell["kind"], "d": cell["d"], "n_ctx_text": cell["n_ctx_text"],
-                "n_ctx_vision": cell["n_ctx_vision"], "model": rec.get("model", ""), **degraded}  # fmt: skip
+                "n_ctx_vision": cell["n_ctx_vision"], "model": rec.get("model", ""), **degraded,
+                **{k: cell.get(k, v) for k, v in DEEP_DEFAULTS.items()}}  # fmt: skip
         rows += [{**head, **row} for row in rec["rows"]]
     return rows
 

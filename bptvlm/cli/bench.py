@@ -92,6 +92,11 @@ def add_commands(subparsers: Any) -> None:
                      "for training and validation (default: 0)")
     src.add_argument("--output-decimals", dest="output_decimals", help="rounding of float outputs asked of the server "
                      "(default: -1 = none)")
+    src.add_argument("--depths", help="prompted layers per tower: 1 (shallow), K or all (default: the preset's, 1)")
+    src.add_argument("--deep-schedules", dest="deep_schedules", help="cycle (the paper's: a layer per generation, in turn) "
+                     "or joint (one z for every layer); varies only cells with depth > 1 (default: cycle)")
+    src.add_argument("--subspaces", help="separate or shared (one z for text and visual prompts; joint variant only) "
+                     "(default: separate)")
     st = p.add_argument_group("settings shared by every cell")
     st.add_argument("--popsize", type=int, help="candidates per generation = per request (default: the preset's)")
     st.add_argument("--sigma", type=float, help="projection scale (default: the preset's)")

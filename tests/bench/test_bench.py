@@ -191,3 +191,39 @@ def test_atomic_cell_store(tmp_path: Path) -> None:
     assert store.done("a") and store.load("a") == {"rows": [1]}
     assert [p.name for p in (tmp_path / "cells").iterdir()] == ["a.json"]  # no temporary left
     json.loads((tmp_path / "cells" / "a.json").read_text())
+
+
+def test_deep_axes_reach_the_cells_and_leave_shallow_keys_as_they_were() -> None:
+    from bptvlm.bench.grid import make_grid
+
+    grid = make_grid({"tasks": "shape", "optimizers": "DiagonalCMA", "variants": "joint,text", "seeds": "0",
+                      "depths": "1,all", "deep_schedules": "cycle,joint", "subspaces": "separate,shared"})
+    labels = [c.variant_label for c in grid.cells()]
+    assert labels == ["joint", "joint shared", "joint deep=all cycle", "joint deep=all cycle shared",
+                      "joint deep=all joint", "joint deep=all joint shared", "text", "text deep=all cycle",
+                      "text deep=all joint"]  # shallow once; shared only for joint
+    configs = {c.variant_label: c.tune_config(grid) for c in grid.cells()}
+    assert (configs["joint deep=all joint shared"].depth, configs["joint deep=all joint shared"].deep_schedule,
+            configs["joint deep=all joint shared"].subspace) == ("all", "joint", "shared")
+    shallow = make_grid({"tasks": "shape", "variants": "joint", "seeds": "0"}).cells()[0]
+    # the key a shallow cell had before the deep axes existed (cached cells stay valid)
+    assert shallow.key(make_grid({"tasks": "shape", "variants": "joint", "seeds": "0"}), "m") == \
+        "shape__DiagonalCMA__joint__s0__d500__t0v0__8679cbaa8f"
+
+
+@pytest.mark.slow
+def test_deep_and_shared_cells_end_to_end(server: str, tmp_path: Path) -> None:
+    before = _usage(server)
+    cmd = [sys.executable, "-m", "bptvlm.bench", "--endpoint", server, "--api-key", KEY, "--tasks", "shape",
+           "--optimizers", "DiagonalCMA", "--budgets", "10,24", "--seeds", "0", "--variants", "joint",
+           "--depths", "1,all", "--deep-schedules", "cycle,joint", "--subspaces", "separate,shared",
+           "--intrinsic-dims", "8", "--popsize", "7", "--shots", "2", "--val-shots", "2", "--test-per-class", "3",
+           "--baselines", "none", "--out", str(tmp_path / "b"), "--no-progress"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "b" / "results.csv").open()))
+    assert {r["variant"] for r in rows} == {"joint", "joint shared", "joint deep=all cycle", "joint deep=all cycle shared",
+                                            "joint deep=all joint", "joint deep=all joint shared"}
+    assert all(int(r["queries"]) == int(r["budget"]) for r in rows)  # each schedule spends exactly its budget
+    spent = _usage(server)["candidates"] - before["candidates"]
+    assert spent == sum(int(r["queries"]) + int(r["eval_queries"]) for r in rows if r["budget"] == "24")
