@@ -193,3 +193,15 @@ def serve_forever(settings: Settings, options: RayOptions, host: str, port: int)
         done.wait()
     finally:
         stop()
+
+
+OPTION_ARGS = ("replicas", "gpus_per_replica", "cpus_per_replica")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve config's entry (``import_path: bptvlm.server.ray_engine:build_app``, e.g. in a KubeRay
+    ``RayService``'s ``serveConfigV2``): ``args`` holds ``Settings`` fields (the rest come from ``BPTVLM_*``
+    variables) and the ``RayOptions`` fields ``replicas``, ``gpus_per_replica``, ``cpus_per_replica``."""
+    args = dict(args)
+    options = RayOptions(**{k: args.pop(k) for k in OPTION_ARGS if k in args})
+    return deployment(Settings(**args), options)
