@@ -187,14 +187,33 @@ class FanoutClient:
         return UsageReport(usage=usage, remaining=remaining)
 
     def upload_images(self, images: np.ndarray, *, force: bool = False) -> str:
-        """Upload to every endpoint; the ids are content hashes, so they agree (``ProtocolError`` if not)."""
-        ids = {c.upload_images(images, force=force) for c in self.clients}
+        """Upload to every endpoint that is up; the ids are content hashes, so they agree (``ProtocolError`` if
+        not). One that fails sits out its cooldown, and gets the images when a share of its needs them."""
+        ids, error = set(), None
+        for i in self._live() or range(len(self.clients)):
+            try:
+                ids.add(self.clients[i].upload_images(images, force=force))
+            except Exception as exc:
+                if not _endpoint_failure(exc):
+                    raise
+                error = exc
+                self._mark_down(i, exc)
+        if not ids:
+            assert error is not None
+            raise error
         if len(ids) != 1:
             raise ProtocolError(f"the endpoints named one image batch differently ({sorted(ids)}); they are not the "
                                 "same service")
         batch = ids.pop()
         self._images[batch] = np.asarray(images)
         return batch
+
+    def _mark_down(self, i: int, exc: BaseException) -> None:
+        stats = self.stats[i]
+        stats.failures += 1
+        stats.last_error = f"{type(exc).__name__}: {exc}"
+        stats.down_until = time.monotonic() + self.cooldown_s
+        logger.warning("%s failed (%s); it sits out %.0f s", stats.endpoint, stats.last_error, self.cooldown_s)
 
     # --- fan-out --------------------------------------------------------------------------------
 
@@ -285,9 +304,8 @@ class FanoutClient:
         if not _endpoint_failure(exc):
             raise exc
         stats = self.stats[share.endpoint]
-        stats.failures += 1
-        stats.last_error = f"{type(exc).__name__}: {exc}"
-        stats.down_until = time.monotonic() + self.cooldown_s
+        if stats.down_until == 0.0:  # not already marked by a concurrent share or an upload
+            self._mark_down(share.endpoint, exc)
         failed.add(share.endpoint)
         others = [i for i in range(len(self.clients)) if i not in failed and not self.stats[i].down_until]
         if not others:

@@ -115,14 +115,14 @@ def test_endpoints_serving_different_models_are_refused() -> None:
 
 def test_a_tuning_run_over_two_endpoints_equals_one_at_the_papers_sizes() -> None:
     """The paper's preset (CMA-ES, popsize 30, 500 + 500 dims, joint): same losses, same prompts."""
-    config = resolve_config("paper", budget=300, eval_every=0)
+    config = resolve_config("paper", budget=120, eval_every=0)
     with _client(FakeServer(), "one") as single:
         alone = start(single, _data(), config, None, progress=False)
     a, b = FakeServer(), FakeServer()
     with FanoutClient([_client(a, "a"), _client(b, "b")]) as fan:
         fanned = start(fan, _data(), config, None, progress=False)
     assert fanned.summary["best_train_loss"] == alone.summary["best_train_loss"]
-    assert fanned.summary["train_queries"] == 300 == alone.summary["train_queries"]
+    assert fanned.summary["train_queries"] == 120 == alone.summary["train_queries"]
     for name, tensor in alone.prompts.items():
         np.testing.assert_array_equal(fanned.prompts[name], tensor)
     shares = fanned.summary["endpoints"]
