@@ -86,3 +86,16 @@ def test_engine_ray_refuses_zero_replicas(capsys) -> None:
 
     assert main(["serve", "--engine", "ray", "--replicas", "0"]) == 2
     assert "--replicas must be >= 1" in capsys.readouterr().err
+
+
+def test_ray_s_health_check_is_our_readiness() -> None:
+    from bptvlm.server.health import Readiness
+    from bptvlm.server.ledger import Ledger
+    from bptvlm.server.ray_engine import BptvlmReplica
+
+    replica = BptvlmReplica.__new__(BptvlmReplica)  # no Ray: only the check
+    replica.replica, replica.service = "r1", type("S", (), {"readiness": Readiness(), "ledger": Ledger()})()
+    replica.check_health()  # ready: returns
+    replica.service.readiness.failed("out of memory even one image at a time")
+    with pytest.raises(RuntimeError, match="r1 not ready: out of memory"):
+        replica.check_health()
