@@ -123,7 +123,9 @@ def main() -> int:
         b = stack.enter_context(local_server(args.model, args=["--device", devices[1]], timeout=300))
         port = free_port()
         settings = Settings(model=args.model, device=args.device)
-        options = ray_engine.RayOptions(replicas=1, num_cpus=os.cpu_count(), gpus_per_replica=args.gpus_per_replica)
+        cpus = os.cpu_count() or 1  # each replica gets its share of the host's cores (its torch threads)
+        options = ray_engine.RayOptions(replicas=1, num_cpus=cpus, cpus_per_replica=cpus,
+                                        gpus_per_replica=args.gpus_per_replica)
         ray_engine.start(settings, options, "127.0.0.1", port)
         stack.callback(ray_engine.stop)
         ray = f"http://127.0.0.1:{port}"
@@ -141,9 +143,12 @@ def main() -> int:
             "latency_ray_s": lambda: latency(lambda: ClipClient(ray), work, 10),
         }, args.rounds)
         print(f"phase 2: Ray scaled to {args.replicas} replicas", flush=True)
-        options = ray_engine.RayOptions(replicas=args.replicas, num_cpus=os.cpu_count(),
+        options = ray_engine.RayOptions(replicas=args.replicas, num_cpus=cpus, cpus_per_replica=max(1, cpus // args.replicas),
                                         gpus_per_replica=args.gpus_per_replica)
-        ray_engine.start(settings, options, "127.0.0.1", port)  # the same app, redeployed with more replicas
+        from ray import serve
+
+        serve.delete(ray_engine.APP_NAME)  # frees the replica's CPUs (an in-place update would wait for them)
+        ray_engine.start(settings, options, "127.0.0.1", port)  # the same app, with more replicas
         result["phase2"] = rounds({
             f"uvicorn_{k}_clients": lambda: throughput(lambda: ClipClient(a), work, k, n),
             f"ray_{args.replicas}_replicas_{k}_clients": lambda: throughput(lambda: ClipClient(ray), work, k, n),

@@ -116,7 +116,10 @@ class BptvlmReplica:
         depot = depot_handle(self.settings.image_cache_bytes, NAMESPACE)
         self.service.images = SharedImageStore(self.settings.image_cache_bytes, depot,
                                                self.service._preprocess_in_turns)
-        log.info("replica %s ready (ledger replica id %s)", unique, self.settings.replica_id)
+        import torch
+
+        log.info("replica %s ready (ledger replica id %s, %d torch threads)", unique, self.settings.replica_id,
+                 torch.get_num_threads())
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from .app import create_app

@@ -71,7 +71,7 @@ def _serve_ray(args: argparse.Namespace, settings: object) -> int:
     try:
         ray_engine.require_ray()
         options = ray_engine.RayOptions(replicas=args.replicas, address=args.ray_address,
-                                        gpus_per_replica=args.gpus_per_replica)
+                                        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
     except (RuntimeError, ValueError) as exc:
         print(f"bptvlm serve: {exc}", file=sys.stderr)
         return 2
@@ -94,6 +94,8 @@ def _add_engine(p: argparse.ArgumentParser) -> None:
                    "started on this host; HOST:6379: a head node) instead of starting a local one")
     g.add_argument("--gpus-per-replica", type=float, help="with --engine ray: GPUs each replica takes (default: 1 "
                    "where CUDA is present and --device is not cpu, else 0)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --engine ray: CPUs each replica takes; "
+                   "Ray gives it as many torch threads (default: %(default)s; on a CPU-only host, cores / replicas)")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
