@@ -177,7 +177,7 @@ def test_cli_errors_are_one_line_and_an_exit_code(
 
 
 def test_client_never_imports_the_server_or_the_world() -> None:
-    modules = ["api", "artifacts", "checkpoint", "config", "data", "evaluate", "loop", "objective", "projection", "run",
+    modules = ["api", "artifacts", "checkpoint", "config", "data", "evaluate", "fanout", "loop", "objective", "projection", "run",
                "selection", "strategies", "tracking"]  # fmt: skip
     code = (
         f"import sys; import {', '.join('bptvlm.client.' + m for m in modules)};"
