@@ -11,7 +11,7 @@ No files are written unless ``out`` is given.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def _data(data: DataLike | None, config: Any, image_size: int) -> TaskLike:
 
 
 def tune(
-    endpoint: str,
+    endpoint: str | Sequence[str],
     data: DataLike | None = None,
     *,
     out: str | Path | None = None,
@@ -59,15 +59,16 @@ def tune(
     tensorboard: str | Path | None = None,
     **config: Any,
 ) -> Any:
-    """Tune prompts for ``data`` through the server at ``endpoint`` (key: ``api_key`` or the environment
+    """Tune prompts for ``data`` through the server at ``endpoint`` (several: a list or ``"URL1,URL2"``, each
+    generation split across them, client/fanout.py; key: ``api_key`` or the environment
     variable ``BPTVLM_API_KEY``); ``config``: any ``TuneConfig``
     field (``optimizer``, ``budget``, ``variant``, ...), over ``preset`` (default: ``default``).
 
     Returns a ``TuneResult``: ``.summary`` (dict), ``.prompts`` (name -> ndarray), ``.history``
     (one record per generation). A non-empty ``out`` is refused unless ``overwrite``.
     """
-    from bptvlm.client.api import ClipClient
     from bptvlm.client.config import DEFAULT_PRESET, resolve_config
+    from bptvlm.client.fanout import client_for
     from bptvlm.client.run import start
     from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 
@@ -76,7 +77,7 @@ def tune(
     resolved = resolve_config(preset or DEFAULT_PRESET, **config)
     if out is not None:
         check_out(out, overwrite=overwrite)
-    with ClipClient(endpoint, api_key=_key(api_key), model=model or DEFAULT_MODEL_NAME) as client:
+    with client_for(endpoint, api_key=_key(api_key), model=model or DEFAULT_MODEL_NAME) as client:
         metadata = client.model_metadata()
         few_shot = _data(data, resolved, client.prompt_limits(metadata).image_size)
         return start(client, few_shot, resolved, out, progress, metadata=metadata, tensorboard=tensorboard,

@@ -354,6 +354,7 @@ def _summary(setup: _Setup, run: _Checkpointer, search: SearchState, strategy: S
         "model_name": setup.metadata.name,
         "model_versions": setup.metadata.versions,
         "endpoint": task.client.endpoint,
+        "endpoints": task.client.report() if hasattr(task.client, "report") else None,  # FanoutClient: shares, usage
         "class_names": task.class_names,
         "num_train": len(task.labels("train")),
         "num_val": len(task.labels("val")) if "val" in task.splits else 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -36,17 +37,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def open_ledger(settings: Settings) -> Ledger:
-    """The ledger of ``settings.ledger`` (or one in memory), with the --api-key tokens and 'anonymous' in it."""
-    ledger = Ledger(settings.ledger, replica_id=settings.replica_id, lease_s=settings.ledger_lease_s)
+def open_ledger(settings: Settings, target: str | None = None) -> Ledger:
+    """The ledger of ``settings.ledger`` (or one in memory; ``target``: this one instead, e.g. the file that
+    Ray replicas in open mode share), with the --api-key tokens and 'anonymous' in it. Replicas starting
+    together may race to add the same key: the loser finds it there."""
+    ledger = Ledger(target or settings.ledger, replica_id=settings.replica_id, lease_s=settings.ledger_lease_s)
     known = {k.name for k in ledger.keys()}
     for i, token in enumerate(settings.api_keys):
         if ledger.authenticate(token) is None:
-            ledger.create_key(f"token-{i}-{hash_token(token)[:8]}", quota=settings.quota,
-                              requests_per_minute=settings.requests_per_minute, token=token)
+            with contextlib.suppress(ValueError):  # another replica added it meanwhile
+                ledger.create_key(f"token-{i}-{hash_token(token)[:8]}", quota=settings.quota,
+                                  requests_per_minute=settings.requests_per_minute, token=token)
     if settings.open_mode and ANONYMOUS not in known:
-        ledger.create_key(ANONYMOUS, quota=settings.quota, requests_per_minute=settings.requests_per_minute,
-                          token=secrets.token_hex(16))
+        with contextlib.suppress(ValueError):
+            ledger.create_key(ANONYMOUS, quota=settings.quota, requests_per_minute=settings.requests_per_minute,
+                              token=secrets.token_hex(16))
     return ledger
 
 

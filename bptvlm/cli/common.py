@@ -70,7 +70,9 @@ class _DeprecatedModel(argparse.Action):
 
 def add_connection(parser: argparse.ArgumentParser, dest: str = "served_model") -> None:
     group = parser.add_argument_group("server")
-    group.add_argument("--endpoint", default=None, help=f"base URL of the bptvlm server, with http:// (default: {DEFAULT_ENDPOINT})")
+    group.add_argument("--endpoint", default=None, help=f"base URL of the bptvlm server, with http:// (default: {DEFAULT_ENDPOINT}); "
+                       "URL1,URL2,...: several servers of the same model, each generation split across them by their "
+                       "measured throughput (the result is the same as on one)")
     group.add_argument("--api-key", default=None,
                        help=f"bearer token for the server (default: the environment variable {API_KEY_ENV}; none for an "
                        "open local server)")
@@ -92,8 +94,17 @@ def make_client(args: argparse.Namespace) -> Any:
     from bptvlm.shared.protocol import DEFAULT_MODEL_NAME
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    return ClipClient(args.endpoint or DEFAULT_ENDPOINT, api_key=api_key, model=args.served_model or DEFAULT_MODEL_NAME,
-                      max_retries=None, retry_for=args.retry_for, max_backoff=MAX_BACKOFF_S)  # fmt: skip
+
+    def one(url: str, retry_for: float) -> ClipClient:
+        return ClipClient(url, api_key=api_key, model=args.served_model or DEFAULT_MODEL_NAME, max_retries=None,
+                          retry_for=retry_for, max_backoff=MAX_BACKOFF_S)
+
+    endpoint = args.endpoint or DEFAULT_ENDPOINT
+    if "," not in endpoint:
+        return one(endpoint, args.retry_for)
+    from bptvlm.client.fanout import FANOUT_RETRY_S, FanoutClient, split_endpoints  # URL1,URL2: one run over all
+
+    return FanoutClient([one(url, min(args.retry_for, FANOUT_RETRY_S)) for url in split_endpoints(endpoint)])
 
 
 def connect(client: Any, wait: float) -> None:
@@ -103,7 +114,13 @@ def connect(client: Any, wait: float) -> None:
 
 
 def check_endpoint(endpoint: str) -> None:
-    """A local check, before anything waits: the endpoint is a URL with a scheme."""
+    """A local check, before anything waits: the endpoint (each of ``URL1,URL2,...``) is a URL with a scheme."""
+    if "," in endpoint:
+        from bptvlm.client.fanout import split_endpoints
+
+        for url in split_endpoints(endpoint):
+            check_endpoint(url)
+        return
     if not endpoint.startswith(("http://", "https://")):
         raise ValueError(f"--endpoint {endpoint!r} has no scheme: give the full URL, e.g. http://{endpoint.lstrip('/')}")
 

@@ -60,10 +60,46 @@ def _serve(args: argparse.Namespace) -> int:
     if args.json_logs:
         configure_json_logging(args.log_level)
     logging.getLogger().setLevel(args.log_level)
+    if args.engine == "ray":
+        return _serve_ray(args, settings)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 **uvicorn_options(settings),
                 timeout_graceful_shutdown=args.drain_seconds, log_config=None if args.json_logs else uvicorn.config.LOGGING_CONFIG)
     return 0
+
+
+def _serve_ray(args: argparse.Namespace, settings: object) -> int:
+    """``--engine ray``: the same app as Ray Serve replicas (server/ray_engine.py)."""
+    from bptvlm.server import ray_engine
+
+    try:
+        ray_engine.require_ray()
+        options = ray_engine.RayOptions(replicas=args.replicas, address=args.ray_address,
+                                        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
+    except (RuntimeError, ValueError) as exc:
+        print(f"bptvlm serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ray_engine.serve_forever(settings, options, args.host, args.port)  # type: ignore[arg-type]
+    except ConnectionError as exc:  # --ray-address names no running cluster
+        print(f"bptvlm serve: cannot join the Ray cluster at {args.ray_address}: {exc} (start one with "
+              "`ray start --head`, or leave --ray-address out for a local Ray)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (replicas behind one address)")
+    g.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
+                   help="uvicorn: one process, one model (default); ray: --replicas copies of the same app as Ray Serve "
+                   "replicas behind Ray's HTTP proxy on --host/--port, sharing one ledger (needs bptvlm[ray])")
+    g.add_argument("--replicas", type=int, default=1, help="with --engine ray: replicas, each with its own model copy")
+    g.add_argument("--ray-address", help="with --engine ray: join this Ray cluster ('auto': the one `ray start` "
+                   "started on this host; HOST:6379: a head node) instead of starting a local one")
+    g.add_argument("--gpus-per-replica", type=float, help="with --engine ray: GPUs each replica takes (default: 1 "
+                   "where CUDA is present and --device is not cpu, else 0)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --engine ray: CPUs each replica takes; "
+                   "Ray gives it as many torch threads (default: %(default)s; on a CPU-only host, cores / replicas)")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -122,6 +158,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, finish in-flight requests this long")
     p.add_argument("--json-logs", action="store_true", help="structured JSON log lines with request ids")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_engine(p)
     p.set_defaults(func=_serve)
 
 

@@ -177,8 +177,8 @@ def test_cli_errors_are_one_line_and_an_exit_code(
 
 
 def test_client_never_imports_the_server_or_the_world() -> None:
-    modules = ["api", "artifacts", "base2new", "checkpoint", "config", "data", "deep", "evaluate", "feedback", "loop",
-               "objective", "projection", "run", "selection", "strategies", "tracking"]  # fmt: skip
+    modules = ["api", "artifacts", "base2new", "checkpoint", "config", "data", "deep", "evaluate", "fanout", "feedback",
+               "loop", "objective", "projection", "run", "selection", "strategies", "tracking"]  # fmt: skip
     code = (
         f"import sys; import {', '.join('bptvlm.client.' + m for m in [*modules, 'datasets'])};"
         "bad = sorted(m for m in sys.modules if m.startswith(('bptvlm.server', 'bptvlm.world', 'bptvlm.bench', 'torch')));"
