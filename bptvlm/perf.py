@@ -15,9 +15,9 @@ shared and noisy, so only ratios are meaningful):
   at population ``--text-population`` (default ``--population``): the text tower costs the same whatever
   the shots, so a real-size population can be timed there while the joint ratios run at reduced sizes.
 - ``measured_vs_formula_chunk``: the batched joint generation with the vision chunk of the formula
-  (``default_batch_images``) / with the chunk measured at start-up (``server/calibration.py``), as
-  ``serve`` does on a CPU (target >= 1: the measurement is not worse than the formula; only when
-  ``--max-batch-images`` is not given).
+  (``default_batch_images``, what ``serve`` uses on a CPU) / with the chunk the start-up measurement
+  (``server/calibration.py``, opt-in: ``BPTVLM_MEASURE_CHUNKS=true``) picks (target >= 1: the
+  measurement pays; only when ``--max-batch-images`` is not given).
 - ``bf16_vs_fp32`` and ``roofline_fraction``: on ``--dtype-model`` (default the ViT-B/32 shape), see
   ``bptvlm/roofline.py`` (target >= 3 on a CPU with fast bf16, and >= 0.8 in bf16).
 
@@ -179,9 +179,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     served = resolve_dtype(args.dtype, torch.device("cpu"))
     model = PromptedCLIP(load_model(args.model), dtype=served, max_batch_images=args.max_batch_images)
-    formula = model.max_batch_images
-    if args.max_batch_images is None:  # what `serve` does on a CPU; the server then gets the same chunk
-        measure_batch_images(model)
+    formula = measured = model.max_batch_images  # the formula's chunk, as `serve` uses on a CPU
+    if args.max_batch_images is None:  # what the opt-in start-up measurement would pick, for one ratio
+        measured = measure_batch_images(model)
+        model.max_batch_images = formula
     work = make_workload(model, args.population, args.shots, args.classes)
     local = InProcess(model, work)
     ctx, vp, r = work.text_context, work.visual_prompt, args.repeats
@@ -215,7 +216,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.max_batch_images is None:
         t["joint_formula_chunk"], t["joint_measured_chunk"] = paired_seconds(
-            at_chunk(model, formula, batched), batched, r)
+            batched, at_chunk(model, measured, batched), r)
 
     prec = measure_precision(load_model(args.dtype_model), served, images=args.dtype_images,
                              population=args.dtype_population, timer=paired_in_worker, repeats=r,
@@ -245,7 +246,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "text_tokens": {"trimmed": int(local.text_length(text_ctx.shape[1])), "full": model.limits.context_length},
         "threads": torch.get_num_threads(),
         "repeats": r,
-        "chunks": {"formula": formula, "measured": model.max_batch_images},
+        "chunks": {"formula": formula, "measured": measured},
         "precision": prec.setup,
     }
     return {**ratios, "setup": setup, "seconds": t, "targets": TARGETS, "met": targets_met(ratios, setup["device"])}

@@ -21,7 +21,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bptvlm.server.calibration import measure_batch_images
 from bptvlm.server.loading import LoadedModel
 from bptvlm.server.model import PromptedCLIP
 from bptvlm.server.precision import dtype_name
@@ -85,10 +84,8 @@ def measure_precision(
     candidates of ``PROMPT_TOKENS`` visual tokens, the same in every dtype; ``timer(a, b, repeats)`` gives
     the two median times, alternated run by run."""
     dtypes = list(dict.fromkeys([torch.float32, torch.bfloat16, served]))
+    # each dtype at the chunk `serve` uses (the formula's, unless given)
     models = {d: PromptedCLIP(copy.deepcopy(loaded), dtype=d, max_batch_images=max_batch_images) for d in dtypes}
-    if max_batch_images is None:  # each dtype at the chunk `serve` would measure for it
-        for model in models.values():
-            measure_batch_images(model)
     lim, rng = models[torch.float32].limits, np.random.default_rng(3)
     pixels = rng.integers(0, 256, (images, lim.image_size, lim.image_size, 3), dtype=np.uint8)
     prompt = torch.from_numpy((rng.standard_normal((population, PROMPT_TOKENS, lim.vision_width)) * 0.02).astype(np.float32))

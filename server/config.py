@@ -98,12 +98,13 @@ class Settings(BaseSettings):
     max_batch_images: int | None = Field(
         default=None, gt=0,
         description="images through the vision tower at once (population x images per chunk); "
-        "None: 4096 on a GPU; on a CPU measured at start-up (measure_chunks) or 256 x 128 / vision width",
+        "None: 4096 on a GPU; on a CPU 256 x 128 / vision width, or measured at start-up (measure_chunks)",
     )
     measure_chunks: bool = Field(
-        default=True,
+        default=False,
         description="on a CPU without max_batch_images, choose the vision chunk by a start-up measurement of a few "
-        "seconds (server/calibration.py) instead of the formula",
+        "seconds (server/calibration.py) instead of the formula (off: `bptvlm perf` measured the formula's chunk "
+        "faster on the joint generation, BENCHMARKS.md 'Served dtype')",
     )
     compile: bool = Field(
         default=False,

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from bptvlm import perf, roofline
+from bptvlm import perf
 from bptvlm.cli import build_parser, main
 from bptvlm.server import calibration
 from bptvlm.perf import TARGETS, InProcess, format_report, make_workload
@@ -48,7 +48,6 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
     # the start-up chunk measurement as `serve` runs it, over two sizes and a short budget (a test's time)
     quick = functools.partial(calibration.measure_batch_images, candidates=(16, 32), budget_s=1.5)
     monkeypatch.setattr(perf, "measure_batch_images", quick)
-    monkeypatch.setattr(roofline, "measure_batch_images", quick)
     code = main(["perf", "--model", "tiny-random", "--population", "2", "--shots", "1", "--classes", "3",
                  "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--dtype-model", "tiny-random",
                  "--dtype-images", "3", "--dtype-population", "2", "--json"])
