@@ -160,7 +160,7 @@ def dry_run(grid: Any) -> int:
           f"({', '.join(grid.baselines) or 'none'}); protocol {grid.protocol}")
     print("| task | optimizer | variant | seed | d | budgets |\n|---|---|---|---|---|---|")
     for c in cells:
-        print(f"| {c.task} | {c.method} | {c.variant} | {c.seed} | {c.d} | {', '.join(map(str, grid.budgets_for(c.task)))} |")
+        print(f"| {c.task} | {c.method} | {c.variant_label} | {c.seed} | {c.d} | {', '.join(map(str, grid.budgets_for(c.task)))} |")
     print(f"total training queries: {grid.training_queries()} (evaluation queries apart)")
     for task in grid.tasks:
         try:

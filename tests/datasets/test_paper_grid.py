@@ -24,6 +24,7 @@ def test_the_paper_grid_file() -> None:
     assert list(grid.tasks) == list(REPORTED) and grid.task_budgets == BUDGETS
     assert (grid.popsize, grid.shots, grid.seeds, grid.intrinsic_dims, grid.variants) == (30, 16, (1, 2, 3), (500,), ("joint",))
     assert grid.budgets_for("DTD") == (3600, 36000) and grid.budgets_for("OxfordPets") == (3600,)
+    assert (grid.depths, grid.deep_schedules) == (("1", "all"), ("cycle",))  # shallow and the paper's deep variant
     config = next(c for c in grid.cells() if c.task == "ImageNet").tune_config(grid)
     assert (config.budget, config.optimizer, config.d_text, config.d_vision, config.sigma) == (14400, "CMA", 500, 500, 1.0)
     # a task's own budget is part of its cells' keys; a grid without task_budgets keys as before
@@ -38,9 +39,10 @@ def test_the_paper_grid_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     write_layout("OxfordPets", tmp_path)
     assert main(["bench", "--grid", "paper", "--dry-run", "--data-root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("27 black-box cells, 27 baseline cells (zero-shot); protocol all")
+    assert out.startswith("54 black-box cells, 27 baseline cells (zero-shot); protocol all")
     assert "| DTD | CMA | joint | 2 | 500 | 3600, 36000 |" in out
-    assert f"total training queries: {3 * sum(BUDGETS.values())} " in out  # 464,400
+    assert "| DTD | CMA | joint deep=all cycle | 2 | 500 | 3600, 36000 |" in out
+    assert f"total training queries: {2 * 3 * sum(BUDGETS.values())} " in out  # 928,800: shallow and deep, 3 seeds
     assert "data OxfordPets: found" in out
     assert "data DTD: MISSING: DTD: " + str(tmp_path / "dtd") + " not found" in out
 
