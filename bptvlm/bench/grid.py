@@ -178,8 +178,9 @@ class Grid:
                     if name == "coop":  # same shape as the black-box text context
                         out += [Cell(task, "white-box", "coop", "text", seed, 0, nt, 0) for nt in self.n_ctx_text]
                     elif name == "same-shape":  # one ceiling per prompt form the black-box cells tune
-                        shapes = dict.fromkeys((v, nt, nv) for v in self.variants for nt in self.n_ctx_text for nv in self.n_ctx_vision)
-                        out += [Cell(task, "white-box", name, v, seed, 0, nt, nv) for v, nt, nv in shapes]
+                        shapes = dict.fromkeys((v, nt, nv, k) for v in self.variants for nt in self.n_ctx_text
+                                               for nv in self.n_ctx_vision for k in self.depths)
+                        out += [Cell(task, "white-box", name, v, seed, 0, nt, nv, depth=k) for v, nt, nv, k in shapes]
                     else:
                         kind = "white-box" if name in WHITEBOX_BASELINES else "api"
                         out.append(Cell(task, kind, name, "-", seed, 0, 0, 0))

@@ -23,6 +23,7 @@ from bptvlm.client.api import ClipClient
 from bptvlm.client.artifacts import write_atomic
 from bptvlm.client.config import task_template
 from bptvlm.client.data import TaskLike
+from bptvlm.client.deep import tower_depths
 from bptvlm.client.projection import text_context_length, visual_prompt_length
 from bptvlm.data import load_data
 
@@ -188,7 +189,8 @@ def _run_cell(client: ClipClient, limits: Any, clip: Any, data: TaskLike, cell: 
     elif cell.method == "same-shape":
         placement = str(grid.visual_prompt_position)
         shape = PromptShape(cell.variant, str(grid.text_context), n_ctx,
-                            visual_prompt_length(limits, cell.n_ctx_vision or None, placement), placement)
+                            visual_prompt_length(limits, cell.n_ctx_vision or None, placement), placement,
+                            tower_depths(cell.depth, limits))
         result = run_same_shape(clip, data, template, shape, steps=grid.coop_steps, lr=grid.coop_lr, seed=cell.seed)
     else:
         result = run_linear_probe(clip, data, seed=cell.seed)

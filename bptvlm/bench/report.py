@@ -37,7 +37,7 @@ def label(g: Group, varied: set[str]) -> str:
     if method == "coop":
         return f"CoOp (white-box) ctx={nt}" if "n_ctx" in varied else "CoOp (white-box)"
     if method == "same-shape":
-        return " ".join([f"same shape {variant} (white-box)", *[f"ctx={nt}/{nv}"] * ("n_ctx" in varied)])
+        return " ".join([f"same shape {prompt_form(variant)} (white-box)", *[f"ctx={nt}/{nv}"] * ("n_ctx" in varied)])
     return {"linear-probe": "linear probe (white-box)"}.get(method, method)
 
 
@@ -110,10 +110,18 @@ def mean_over_tasks(summary: dict[Group, dict[int, dict[str, Any]]], budgets: li
     return "\n".join(lines)
 
 
+def prompt_form(variant: str) -> str:
+    """A variant label without the search's schedule and subspace (``joint deep=all joint shared`` ->
+    ``joint deep=all``): what a same-shape ceiling trains does not depend on them."""
+    words = variant.split()
+    keep = [w for i, w in enumerate(words) if not (i and words[i - 1].startswith("deep=")) and w != "shared"]
+    return " ".join(keep)
+
+
 def ceiling_of(g: Group) -> Group:
     """The same-shape white-box group of a black-box group (its prompt form trained by gradient)."""
     task, _, _, variant, _, nt, nv = g
-    return (task, "white-box", "same-shape", variant, 0, nt, nv)
+    return (task, "white-box", "same-shape", prompt_form(variant), 0, nt, nv)
 
 
 def ceiling_table(summary: dict[Group, dict[int, dict[str, Any]]], budgets: list[int], varied: set[str]) -> str:
@@ -121,6 +129,7 @@ def ceiling_table(summary: dict[Group, dict[int, dict[str, Any]]], budgets: list
     its same-shape white-box ceiling's (per task, seed means); '' where a task has no ceiling."""
     ratios: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     n_tasks = len({g[0] for g in summary})
+    summary = {**summary, **{(*g[:3], prompt_form(g[3]), *g[4:]): v for g, v in summary.items() if g[2] == "same-shape"}}
     for g, per_budget in summary.items():
         ceiling = summary.get(ceiling_of(g)) if g[1] == "blackbox" else None
         if ceiling and ceiling[0]["test_accuracy_mean"] > 0:

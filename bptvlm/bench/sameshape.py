@@ -11,7 +11,12 @@ the step of lowest validation loss kept, as CoOp here), exactly the tensors that
 - vision (variants ``vision`` and ``joint``): a prompt ``[m, D_vision]`` in the cell's placement
   (``pre_ln``/``post_ln``: appended tokens before/after the pre-LayerNorm; ``add``: added to every
   position), starting at zero, as z = 0 does; with it the image features are recomputed every step
-  (the tower is frozen, the prompt is not).
+  (the tower is frozen, the prompt is not);
+- deep prompts (`--depth K|all`): per tower ``[K - 1, n, D]`` replacing the prompt positions at the
+  input of layers ``1 .. K - 1`` through server/deep.py's functions (the server's own placement), one
+  text prompt for every class as the server takes it, starting at zero as z = 0 does. Gradient descent
+  trains every layer at once: the black-box schedule (cycle or joint) and subspace restrict the search,
+  not the prompt form, so one ceiling serves them all.
 
 The vision forward is written from the public submodules of ``transformers.CLIPModel``, placing the
 prompt as ``PromptedCLIP.encode_images`` does (the server runs under ``torch.inference_mode``); a test
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 
 from bptvlm.client.config import Template
 from bptvlm.client.data import TaskLike
+from bptvlm.server.deep import vision_hidden
 from bptvlm.server.model import PromptedCLIP
 
 from .whitebox import CoOpText, image_features, one_thread
@@ -46,6 +52,7 @@ class PromptShape:
     n_ctx_text: int = 8
     n_ctx_vision: int = 5
     placement: str = "pre_ln"
+    depths: tuple[int, int] = (1, 1)  # prompted layers (text, vision): 1 = shallow (client/deep.tower_depths)
 
     @property
     def text(self) -> bool:
@@ -58,6 +65,8 @@ class PromptShape:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"same-shape white-box: variant must be one of {VARIANTS}, received {self.variant!r}")
+        if self.vision and self.depths[1] > 1 and self.placement == "add":
+            raise ValueError("same-shape white-box: deep visual prompts need an appended placement (pre_ln or post_ln)")
 
 
 class VisualPrompted:
@@ -72,7 +81,8 @@ class VisualPrompted:
             if placement != "pre_ln":
                 self.tokens = self.vision.pre_layrnorm(self.tokens)
 
-    def features(self, prompt: torch.Tensor) -> torch.Tensor:
+    def features(self, prompt: torch.Tensor, deep: torch.Tensor | None = None) -> torch.Tensor:
+        """``prompt [m, Dv]``; ``deep [Ld, m, Dv]`` replaces the appended tokens at layers ``1 .. Ld``."""
         n = self.tokens.shape[0]
         if self.placement == "add":  # one vector per position: the sequence keeps its length
             x = self.tokens + prompt.unsqueeze(0)
@@ -80,7 +90,10 @@ class VisualPrompted:
             x = torch.cat([self.tokens, prompt.unsqueeze(0).expand(n, -1, -1)], dim=1)
         if self.placement == "pre_ln":
             x = self.vision.pre_layrnorm(x)
-        hidden = self.vision.encoder(inputs_embeds=x).last_hidden_state
+        if deep is None:
+            hidden = self.vision.encoder(inputs_embeds=x).last_hidden_state
+        else:
+            hidden = vision_hidden(self.vision, x, deep=deep.unsqueeze(0).expand(n, -1, -1, -1))
         pooled = self.vision.post_layernorm(hidden[:, 0])
         return F.normalize(self.projection(pooled).float(), dim=-1)
 
@@ -101,9 +114,14 @@ class SameShape:
             self.params["shared"] = torch.zeros(shape.n_ctx_text, width, dtype=dtype, requires_grad=True)
         if shape.text and shape.text_context in ("per_class", "mixed"):
             self.params["per_class"] = torch.zeros(c, shape.n_ctx_text, width, dtype=dtype, requires_grad=True)
+        if shape.text and shape.depths[0] > 1:
+            self.params["text_deep"] = torch.zeros(shape.depths[0] - 1, shape.n_ctx_text, width, dtype=dtype, requires_grad=True)
         if shape.vision:
             vision_width = clip.limits.vision_width
             self.params["visual"] = torch.zeros(shape.n_ctx_vision, vision_width, dtype=dtype, requires_grad=True)
+            if shape.depths[1] > 1:
+                self.params["visual_deep"] = torch.zeros(shape.depths[1] - 1, shape.n_ctx_vision, vision_width, dtype=dtype,
+                                                         requires_grad=True)
         assert data.val_images is not None
         raw = {"train": data.train_images, "val": data.val_images, "test": data.test_images}
         if shape.vision:
@@ -120,12 +138,12 @@ class SameShape:
         ctx = params.get("shared")
         if "per_class" in params:
             ctx = params["per_class"] if ctx is None else ctx.unsqueeze(0) + params["per_class"]
-        return self.coop.features(ctx)
+        return self.coop.features(ctx, params.get("text_deep"))
 
     def image_features(self, split: str, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[N, E]`` of ``split`` (``train``, ``val``, ``test``)."""
         images = self.images[split]
-        return images.features(params["visual"]) if self.shape.vision else images
+        return images.features(params["visual"], params.get("visual_deep")) if self.shape.vision else images
 
 
 def run_same_shape(clip: PromptedCLIP, data: TaskLike, template: Template, shape: PromptShape, *,

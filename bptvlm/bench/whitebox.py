@@ -27,6 +27,7 @@ from transformers.masking_utils import create_causal_mask
 
 from bptvlm.client.config import Template
 from bptvlm.client.data import TaskLike
+from bptvlm.server.deep import text_hidden, text_pooled
 from bptvlm.server.model import PromptedCLIP
 from bptvlm.world.evaluate import fit_linear_probe
 
@@ -58,16 +59,21 @@ class CoOpText:
         self.init = init.detach().clone().to(clip.device, clip.dtype)  # [n_ctx, D]
         self.ctx = torch.zeros_like(self.init, requires_grad=True)  # [n_ctx, D]
 
-    def features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, ctx: torch.Tensor | None = None, deep: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised text features ``[C, E]`` (``ctx`` defaults to the trainable one; grads flow).
 
-        ``ctx``: ``[n_ctx, D]`` shared by every class, or ``[C, n_ctx, D]`` one per class."""
+        ``ctx``: ``[n_ctx, D]`` shared by every class, or ``[C, n_ctx, D]`` one per class; ``deep``:
+        ``[Ld, n_ctx, D]`` replacing the context positions at the input of layers ``1 .. Ld``
+        (server/deep.py, as the server places ``text_deep_prompt``)."""
         ctx = self.ctx if ctx is None else ctx
         emb = self.text.embeddings
         tokens = emb.token_embedding(self.ids)  # [C, L, D]
         c, seq, _ = tokens.shape
         full = (self.init + ctx).expand(c, -1, -1)  # [C, n_ctx, D]
         x = torch.cat([tokens[:, :1], full, tokens[:, 1 + self.n_ctx :]], dim=1)
+        if deep is not None:
+            hidden = text_hidden(self.text, x, deep=deep.unsqueeze(0).expand(c, -1, -1, -1))
+            return F.normalize(self.clip.model.text_projection(text_pooled(self.text, hidden, self.eos_at)).float(), dim=-1)
         x = x + emb.position_embedding(emb.position_ids[:, :seq])
         mask = create_causal_mask(config=self.text.config, inputs_embeds=x, attention_mask=None, cache=None)
         hidden = self.text.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state

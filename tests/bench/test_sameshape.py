@@ -122,11 +122,12 @@ def test_report_divides_each_black_box_column_by_its_ceiling() -> None:
 
 @pytest.mark.slow
 def test_bench_runs_the_ceiling_beside_the_paper_shaped_black_box(tmp_path: Path) -> None:
-    # the paper's prompt form (joint: 8 text context vectors, 5 visual tokens), d = 500 each, popsize 30
+    # the paper's prompt form (joint: 8 text context vectors, 5 visual tokens), d = 500 each, popsize 30, shallow and deep
     out = tmp_path / "run"
     with local_server("tiny-random", timeout=120) as url:
         cmd = [sys.executable, "-m", "bptvlm.bench", "--endpoint", url, "--tasks", "shape", "--preset", "paper",
-               "--budgets", "60", "--variants", "joint", "--baselines", "same-shape", "--whitebox-model", "tiny-random",
+               "--budgets", "60", "--variants", "joint", "--depths", "1,all", "--baselines", "same-shape",
+               "--whitebox-model", "tiny-random",
                "--coop-steps", "20", "--shots", "2", "--val-shots", "2", "--test-per-class", "3", "--out", str(out),
                "--no-progress"]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -134,4 +135,50 @@ def test_bench_runs_the_ceiling_beside_the_paper_shaped_black_box(tmp_path: Path
     report = (out / "report.md").read_text()
     assert "same shape joint (white-box)" in report
     assert "## Black-box as a fraction of its same-shape white-box ceiling" in report
-    assert "| CMA joint | " in report.split("same-shape white-box ceiling")[-1]
+    fractions = report.split("same-shape white-box ceiling")[-1]
+    assert "| CMA joint | " in fractions and "| CMA joint deep=all cycle | " in fractions  # shallow and deep, each its own
+    assert "same shape joint deep=all (white-box)" in report
+
+
+@pytest.mark.parametrize("placement", ["pre_ln", "post_ln"])
+def test_deep_forwards_equal_the_servers_deep_prompts(placement: str) -> None:
+    # 3 layers a tower: deep prompts at the input of layers 1 and 2, text (per-class context) and vision
+    from bptvlm.server.loading import tiny_random_clip
+    from bptvlm.server.model import PromptedCLIP
+
+    clip, template = PromptedCLIP(tiny_random_clip(seed=0, layers=3)), Template("a photo of a {}.")
+    data = _task(clip)
+    shape = PromptShape("joint", "per_class", n_ctx_text=4, n_ctx_vision=5, placement=placement, depths=(3, 3))
+    model = SameShape(clip, data, template, shape)  # type: ignore[arg-type]
+    assert {k: tuple(v.shape) for k, v in model.params.items() if "deep" in k} == {
+        "text_deep": (2, 4, clip.limits.text_width), "visual_deep": (2, 5, clip.limits.vision_width)}
+    with torch.no_grad():
+        for p in model.params.values():
+            p.copy_(torch.randn(p.shape, generator=GEN) * 0.3)
+        ours_text, ours_images = model.text_features(model.params), model.image_features("train", model.params)
+    prm = model.params
+    init = clip.context_init(template.prefix, 4)
+    texts = [template.class_text(n) for n in data.class_names]  # type: ignore[attr-defined]
+    served_text = clip.encode_text(clip.tokenize(texts), (init + prm["per_class"]).unsqueeze(0),
+                                   deep=prm["text_deep"].unsqueeze(0))[0]
+    served_images = clip.encode_images(clip.preprocess(data.train_images), prm["visual"].unsqueeze(0), placement,  # type: ignore[attr-defined]
+                                       deep=prm["visual_deep"].unsqueeze(0))[0]
+    torch.testing.assert_close(ours_text, served_text.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours_images, served_images.float(), atol=1e-5, rtol=1e-4)
+    shallow = SameShape(clip, data, template, PromptShape("joint", "per_class", 4, 5, placement))  # type: ignore[arg-type]
+    with torch.no_grad():
+        assert not torch.allclose(shallow.image_features("train", {"visual": prm["visual"]}), ours_images)  # deep counts
+    result = run_same_shape(clip, data, template, shape, steps=10, lr=0.05, seed=0)  # type: ignore[arg-type]
+    assert result["trained"] == ["per_class", "text_deep", "visual", "visual_deep"]
+
+
+def test_deep_black_box_cells_share_one_ceiling_per_depth() -> None:
+    from bptvlm.bench.report import ceiling_of, prompt_form
+
+    grid = make_grid({"tasks": "shape", "preset": "paper", "variants": "joint", "depths": "1,all",
+                      "deep_schedules": "cycle,joint", "subspaces": "separate,shared", "baselines": "same-shape"})
+    ceilings = grid.baseline_cells(whitebox=True)
+    assert sorted(c.depth for c in ceilings) == ["1", "all"]  # not one per schedule or subspace
+    assert prompt_form("joint deep=all joint shared") == prompt_form("joint deep=all cycle") == "joint deep=all"
+    assert ceiling_of(("t", "blackbox", "CMA", "joint deep=all joint shared", 500, 0, 0))[3] == "joint deep=all"
+    assert prompt_form("joint shared") == "joint"
