@@ -38,6 +38,9 @@ SHARED_INPUTS = (IMAGES, IMAGE_BATCH, LABELS, CLASS_NAMES)  # the same for every
 SMOOTHING = 0.5  # weight of the newest measurement in an endpoint's candidates/s
 FANOUT_RETRY_S = 10.0  # each endpoint's own retry window: past it, its share goes to the others
 
+# a request's parameters and its per-output parameters (ClipClient.infer's parameters, output_parameters)
+_Parameters = tuple[Mapping[str, Any] | None, Mapping[str, Mapping[str, Any]] | None]
+
 
 def split_endpoints(value: str | Sequence[str]) -> list[str]:
     """``"URL1,URL2"`` (or a list) -> the URLs; ``ValueError`` for an empty one."""
@@ -248,30 +251,33 @@ class FanoutClient:
         return shares
 
     def infer(self, inputs: Mapping[str, np.ndarray], *, outputs: Sequence[str] = (LOSS,),
-              parameters: Mapping[str, Any] | None = None, request_id: str | None = None) -> InferResult:
-        """Score the population over the endpoints; outputs in candidate order (see the module docstring)."""
+              parameters: Mapping[str, Any] | None = None, request_id: str | None = None,
+              output_parameters: Mapping[str, Mapping[str, Any]] | None = None) -> InferResult:
+        """Score the population over the endpoints; outputs in candidate order (see the module docstring).
+        ``parameters`` and ``output_parameters`` go with every share, as ``ClipClient.infer`` sends them."""
         varying = [k for k in inputs if k not in SHARED_INPUTS]
         population = int(np.asarray(inputs[varying[0]]).shape[0]) if varying else 1
         live = self._live()
         if not live:  # every endpoint is cooling down: try them all again rather than fail
             live = list(range(len(self.clients)))
         shares = self._plan(population, live) if varying else [_Share(0, 1, self._fastest(live))]
-        parts = self._run(shares, inputs, varying, outputs, parameters, request_id)
+        parts = self._run(shares, inputs, varying, outputs, (parameters, output_parameters), request_id)
         return self._merge(parts, request_id)
 
     def _fastest(self, candidates: Sequence[int]) -> int:
         return max(candidates, key=lambda i: (self.stats[i].rate or 0.0, -i))
 
     def _send(self, share: _Share, inputs: Mapping[str, np.ndarray], varying: list[str], outputs: Sequence[str],
-              parameters: Mapping[str, Any] | None, request_id: str | None) -> tuple[InferResult, float]:
+              parameters: _Parameters, request_id: str | None) -> tuple[InferResult, float]:
         sliced = {k: (np.asarray(v)[share.start : share.stop] if k in varying else v) for k, v in inputs.items()}
         rid = f"{request_id}@{share.start}-{share.stop}" if request_id and varying else request_id
         begun = time.perf_counter()
-        result = self.clients[share.endpoint].infer(sliced, outputs=outputs, parameters=parameters, request_id=rid)
+        result = self.clients[share.endpoint].infer(sliced, outputs=outputs, parameters=parameters[0], request_id=rid,
+                                                    output_parameters=parameters[1])
         return result, time.perf_counter() - begun
 
     def _run(self, shares: list[_Share], inputs: Mapping[str, np.ndarray], varying: list[str], outputs: Sequence[str],
-             parameters: Mapping[str, Any] | None, request_id: str | None) -> list[tuple[_Share, InferResult]]:
+             parameters: _Parameters, request_id: str | None) -> list[tuple[_Share, InferResult]]:
         """Send every share concurrently; move a failed endpoint's share to the fastest one still up."""
         running: dict[Future[tuple[InferResult, float]], _Share] = {
             self._pool.submit(self._send, s, inputs, varying, outputs, parameters, request_id): s for s in shares}
