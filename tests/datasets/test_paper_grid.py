@@ -56,8 +56,8 @@ def test_a_paper_size_cell_base2new_through_a_server(tmp_path: Path) -> None:
         # (its paper run is tests/client/test_client_e2e.py's); the grid's shapes, budget and protocol are the paper's
         cmd = [sys.executable, "-m", "bptvlm.cli", "bench", "--grid", "paper", "--endpoint", url, "--tasks", "Caltech101",
                "--optimizers", "DiagonalCMA", "--seeds", "1", "--shots", "2", "--val-shots", "1", "--protocol", "base2new",
-               "--data-root", str(tmp_path / "DATA"), "--out", str(out), "--no-progress"]  # fmt: skip
-        subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+               "--depths", "1", "--data-root", str(tmp_path / "DATA"), "--out", str(out), "--no-progress"]  # fmt: skip
+        subprocess.run(cmd, check=True, timeout=300, capture_output=True)  # shallow: deep runs are tests/bench's
     rows = list(csv.DictReader((out / "results.csv").open()))
     bb = [r for r in rows if r["kind"] == "blackbox"]
     assert [(r["budget"], r["queries"], r["d"], r["variant"]) for r in bb] == [("3600", "3600", "500", "joint")]
