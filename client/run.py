@@ -254,7 +254,7 @@ def resume_tuning(client: ClipClient, data: TaskLike, out_dir: str | Path, progr
 def _execute(setup: _Setup, out: Path | None, state: Checkpoint, strategy: Strategy, progress: bool,
              tensorboard: str | Path | None = None) -> TuneResult:
     """Train from ``state`` to the budget, select, test, write the outputs; checkpoint all along."""
-    task, projection, template, config = setup.task, setup.projection, setup.template, setup.config
+    task, projection, config = setup.task, setup.projection, setup.config
     if "val" not in task.splits:
         why = "--val-shots 0" if config.val_shots == 0 else "the data has no validation images"
         logger.warning("%s: the prompt is chosen by training loss, which can end below zero-shot; give --val-shots > 0 "

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from bptvlm.shared import protocol as p
 from bptvlm.shared.errors import PayloadTooLargeError, ProtocolError, RequestTimeoutError, UnsupportedMediaTypeError
-from bptvlm.shared.tensors import HEADER_LENGTH, decode_request
+from bptvlm.shared.tensors import decode_request
 
 from .config import Settings
 
