@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         "seconds (server/calibration.py) instead of the formula (off: `bptvlm perf` measured the formula's chunk "
         "faster on the joint generation, BENCHMARKS.md 'Served dtype')",
     )
+    pack_linears: bool = Field(
+        default=True,
+        description="on a CPU, hold the encoders' linears in oneDNN's packed form with the MLP activation fused "
+        "(server/packed.py; the same function, faster: BENCHMARKS.md 'The CPU form of the encoders'); costs a second "
+        "copy of those weights. False serves the library's modules as they are",
+    )
     compile: bool = Field(
         default=False,
         description="torch.compile the vision and text encoders (dynamic shapes; compiled by the start-up probe). "

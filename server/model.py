@@ -29,6 +29,7 @@ from bptvlm.shared.protocol import Placement, PromptLimits
 from . import deep as layers
 from .cache import ByteLRU, text_bytes
 from .loading import LoadedModel
+from .packed import pack_encoders, packing_available
 
 MAX_VISUAL_PROMPT = 64
 TOKEN_CACHE_BYTES = 16 * 2**20  # memoised token ids, keys included
@@ -76,7 +77,10 @@ class PromptedCLIP:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         max_batch_images: int | None = None,
+        pack: bool | None = None,
     ) -> None:
+        """``pack``: the encoders' linears in oneDNN's packed form (``server/packed.py``); ``None``: where
+        the device and dtype have it (CPUs)."""
         self.device = torch.device(device)
         self.dtype = dtype
         # The published statistics come from the float32 weights: one model publishes the same limits
@@ -91,6 +95,9 @@ class PromptedCLIP:
         self._text = self.model.text_model
         self._vision = self.model.vision_model
         self.limits = self._compute_limits()
+        self.packed = packing_available(self.device, dtype) if pack is None else pack
+        if self.packed:
+            pack_encoders(self.model, dtype)  # from the float32 weights
         self.model.to(dtype)
 
     # --- metadata --------------------------------------------------------------------------------

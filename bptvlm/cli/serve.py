@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         "requests_per_minute": args.requests_per_minute,
         "max_batch_images": args.max_batch_images,
         "compile": True if args.compile else None,
+        "pack_linears": False if args.no_pack_linears else None,
         "max_queue": args.max_queue,
         "request_timeout_s": args.request_timeout,
         "max_response_bytes": args.max_response_bytes,
@@ -132,6 +133,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quota", type=int, help="candidates each --api-key token may evaluate (default unlimited)")
     p.add_argument("--requests-per-minute", type=int, help="rate limit of each --api-key token")
     p.add_argument("--max-batch-images", type=int, help="images through the vision tower at once (memory bound)")
+    p.add_argument("--no-pack-linears", action="store_true",
+                   help="on a CPU, serve the encoders' linears as the library's modules instead of oneDNN's packed, "
+                   "fused form (slower; the same function)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vision and text encoders (for GPUs; off by default; start-up takes longer)")
     p.add_argument("--max-queue", type=int, help="requests allowed to wait for the model before 503 (default 64)")
