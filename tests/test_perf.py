@@ -7,12 +7,16 @@ import json
 import math
 
 import pytest
+import torch
 
 from bptvlm import perf
 from bptvlm.cli import build_parser, main
-from bptvlm.server import calibration
 from bptvlm.perf import TARGETS, InProcess, format_report, make_workload
 from bptvlm.roofline import vision_flops
+from bptvlm.server import calibration
+from bptvlm.server.loading import tiny_random_clip
+from bptvlm.server.model import PromptedCLIP
+from bptvlm.server.packed import packing_available
 
 
 def test_text_population_defaults_to_population() -> None:
@@ -34,13 +38,17 @@ def test_report_names_the_text_population() -> None:
              "text_tokens": {"trimmed": 16, "full": 77}, "repeats": 4}
     seconds = dict.fromkeys(["inprocess_joint", "http_joint", "loop_joint", "batched_joint", "http_joint_b",
                              "http_text", "batched_joint_p30", "batched_joint_micro", "text_full",
-                             "text_trimmed", "joint_formula_chunk", "joint_measured_chunk", "vision_fp32", "vision_bf16", "gemm_served", "vision_served"], 1.0)
+                             "text_trimmed", "joint_formula_chunk", "joint_measured_chunk", "vision_fp32", "vision_bf16",
+                             "gemm_served", "vision_served", "gemm_fp32", "gemm_bf16", "vision_library",
+                             "vision_packed"], 1.0)
     report = format_report({**dict.fromkeys(TARGETS, 1.0), "setup": setup, "seconds": seconds, "targets": TARGETS})
     assert "text tower (trimmed_vs_full) at population 30 x 10 classes, 16 vs 77 tokens" in report
     assert all(name in report for name in TARGETS)
     batched = next(line for line in report.splitlines() if line.startswith("batched_vs_loop"))
     assert batched.split()[3] == "GPU"  # reported on a CPU, not counted as met or missed
     assert next(line for line in report.splitlines() if line.startswith("bf16_vs_fp32")).split()[3] == "NO"
+    bound = next(line for line in report.splitlines() if line.startswith("gemm_bf16_vs_fp32")).split()
+    assert bound[2:4] == ["-", "-"]  # reported, no target
 
 
 @pytest.mark.slow
@@ -53,10 +61,11 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
                  "--dtype-images", "3", "--dtype-population", "2", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(TARGETS) <= set(result)
+    assert set(TARGETS) - {"packed_vs_library"} <= set(result)
+    assert ("packed_vs_library" in result) == packing_available(torch.device("cpu"), torch.float32)
     chunks = result["setup"]["chunks"]
     assert chunks["measured"] in (16, 32) and chunks["formula"] % 32 == 0  # measured among the two; the formula's
-    assert all(math.isfinite(result[name]) and result[name] > 0 for name in TARGETS)
+    assert all(math.isfinite(result[name]) and result[name] > 0 for name in TARGETS if name in result)
     setup = result["setup"]
     assert (setup["population"], setup["text_population"], setup["images"], setup["classes"]) == (2, 5, 3, 3)
     assert setup["text_tokens"]["full"] == 32 > setup["text_tokens"]["trimmed"]
@@ -64,14 +73,19 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
     prec = setup["precision"]
     assert (prec["images"], prec["population"], prec["served_dtype"]) == (3, 2, setup["dtype"])
     assert result["met"]["batched_vs_loop"] is None and isinstance(result["met"]["http_vs_inprocess"], bool)
+    assert result["met"]["gemm_bf16_vs_fp32"] is None and set(prec["gemm_kernel_seconds"]) >= {"float32", "bfloat16"}
 
 
-def test_vision_flops_match_the_formula(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    """The counter (attention through the math kernel) agrees with the transformer's FLOP formula."""
-    cfg, m = tiny_model.model.config.vision_config, 5
+@pytest.mark.parametrize("pack", [False, True], ids=["library", "packed"])
+def test_vision_flops_match_the_formula(pack: bool) -> None:
+    """The counter (attention through the math kernel; the packed kernel by its formula) agrees with the
+    transformer's FLOP formula."""
+    model = PromptedCLIP(tiny_random_clip(seed=0), pack=pack)
+    assert model.packed == pack
+    cfg, m = model.model.config.vision_config, 5
     patches = (cfg.image_size // cfg.patch_size) ** 2
     seq, d, ff = patches + 1 + m, cfg.hidden_size, cfg.intermediate_size
     per_layer = 2 * seq * (4 * d * d + 2 * d * ff) + 2 * 2 * seq * seq * d  # q, k, v, out, MLP; QK^T and AV
     conv = 2 * patches * d * cfg.num_channels * cfg.patch_size**2
-    projection = 2 * d * tiny_model.model.config.projection_dim
-    assert vision_flops(tiny_model, m) == cfg.num_hidden_layers * per_layer + conv + projection
+    projection = 2 * d * model.model.config.projection_dim
+    assert vision_flops(model, m) == cfg.num_hidden_layers * per_layer + conv + projection
