@@ -221,7 +221,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             batched, at_chunk(model, measured, batched), r)
 
     prec = measure_precision(load_model(args.dtype_model), served, images=args.dtype_images,
-                             population=args.dtype_population, timer=paired_in_worker, repeats=r,
+                             population=args.dtype_population, timer=paired_in_worker, repeats=args.dtype_repeats,
                              max_batch_images=args.max_batch_images)
     t.update(prec.seconds)
 
@@ -248,6 +248,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "text_tokens": {"trimmed": int(local.text_length(text_ctx.shape[1])), "full": model.limits.context_length},
         "threads": torch.get_num_threads(),
         "repeats": r,
+        "dtype_repeats": args.dtype_repeats,
         "chunks": {"formula": formula, "measured": measured},
         "precision": prec.setup,
     }

@@ -1,4 +1,5 @@
-"""Options for the prompted vision forward, timed side by side: eager, torch.compile, freezing, attention kernels.
+"""Options for the prompted vision forward, timed side by side: eager, torch.compile, freezing, attention kernels,
+and the library's own modules (``library``) against the served form (``eager``: linears packed on a CPU).
 
     python scripts/vision_options.py --dtype bfloat16 --images 64 --max-batch-images 32 --rounds 5
 
@@ -34,6 +35,7 @@ def _compile(**kwargs: object) -> Callable[[PromptedCLIP], None]:
 
 VARIANTS: dict[str, Callable[[PromptedCLIP], None]] = {
     "eager": lambda model: None,
+    "library": lambda model: None,  # built with pack=False: the library's nn.Linear modules
     "eager-attention": _eager_attention,
     "compile-dynamic": _compile(dynamic=True),
     "compile-dynamic-freezing": _compile(dynamic=True, options={"freezing": True}),
@@ -44,7 +46,8 @@ VARIANTS: dict[str, Callable[[PromptedCLIP], None]] = {
 def build(loaded: LoadedModel, name: str, dtype: torch.dtype, chunk: int) -> PromptedCLIP:
     """``name`` is a VARIANTS key, optionally ``@N`` for chunks of N images instead of ``chunk``."""
     base, _, size = name.partition("@")
-    model = PromptedCLIP(copy.deepcopy(loaded), dtype=dtype, max_batch_images=int(size) if size else chunk)
+    model = PromptedCLIP(copy.deepcopy(loaded), dtype=dtype, max_batch_images=int(size) if size else chunk,
+                         pack=False if base == "library" else None)
     VARIANTS[base](model)
     return model
 

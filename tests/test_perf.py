@@ -58,7 +58,7 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
     monkeypatch.setattr(perf, "measure_batch_images", quick)
     code = main(["perf", "--model", "tiny-random", "--population", "2", "--shots", "1", "--classes", "3",
                  "--micro-population", "4", "--text-population", "5", "--repeats", "1", "--dtype-model", "tiny-random",
-                 "--dtype-images", "3", "--dtype-population", "2", "--json"])
+                 "--dtype-images", "3", "--dtype-population", "2", "--dtype-repeats", "1", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert set(TARGETS) - {"packed_vs_library"} <= set(result)
@@ -72,6 +72,7 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
     assert all(v > 0 for v in result["seconds"].values())
     prec = setup["precision"]
     assert (prec["images"], prec["population"], prec["served_dtype"]) == (3, 2, setup["dtype"])
+    assert setup["dtype_repeats"] == 1
     assert result["met"]["batched_vs_loop"] is None and isinstance(result["met"]["http_vs_inprocess"], bool)
     assert result["met"]["gemm_bf16_vs_fp32"] is None and set(prec["gemm_kernel_seconds"]) >= {"float32", "bfloat16"}
 

@@ -48,6 +48,8 @@ def _add_perf(sub: argparse._SubParsersAction) -> None:
                    help="model of bf16_vs_fp32 and roofline_fraction (default: the ViT-B/32 shape, random weights)")
     p.add_argument("--dtype-images", type=int, default=32, help="images of the bf16_vs_fp32/roofline forward")
     p.add_argument("--dtype-population", type=int, default=1, help="candidates of that forward (5 visual tokens each)")
+    p.add_argument("--dtype-repeats", type=int, default=7,
+                   help="timed repeats of each of those (short) timings: more than --repeats, since each lasts about a second")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_perf)
 
