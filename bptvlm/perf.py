@@ -290,6 +290,8 @@ def format_report(result: dict[str, Any]) -> str:
                      f"candidates x {prec['prompt_tokens']} visual tokens, chunks {prec['max_batch_images']}; "
                      f"{prec['gflop_per_image']:.2f} GFLOP/image: {prec['achieved_gflops']:.0f} GFLOP/s vs GEMM "
                      f"{'x'.join(map(str, prec['gemm_shape']))} {prec['gemm_gflops']:.0f} GFLOP/s ({prec['served_dtype']})")
+        if prec.get("bf16_skipped"):
+            lines.append(f"bf16_vs_fp32, gemm_bf16_vs_fp32: not measured: {prec['bf16_skipped']}")
     lines.append("")
     lines.append(f"{'ratio':<26}{'value':>8}{'target':>8}  {'met':<4} measurements (median s)")
     met = result.get("met") or targets_met({k: result[k] for k in TARGETS if k in result}, setup["device"])

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bptvlm import perf
+from bptvlm import perf, roofline
 from bptvlm.cli import build_parser, main
 from bptvlm.perf import TARGETS, InProcess, format_report, make_workload
 from bptvlm.roofline import vision_flops
@@ -17,6 +17,7 @@ from bptvlm.server import calibration
 from bptvlm.server.loading import tiny_random_clip
 from bptvlm.server.model import PromptedCLIP
 from bptvlm.server.packed import packing_available
+from bptvlm.server.precision import has_fast_bf16
 
 
 def test_text_population_defaults_to_population() -> None:
@@ -61,7 +62,9 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
                  "--dtype-images", "3", "--dtype-population", "2", "--dtype-repeats", "1", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(TARGETS) - {"packed_vs_library"} <= set(result)
+    bf16 = has_fast_bf16(torch.device("cpu")) or result["setup"]["dtype"] == "bfloat16"
+    skipped = {"packed_vs_library"} | (set() if bf16 else {"bf16_vs_fp32", "gemm_bf16_vs_fp32"})
+    assert set(TARGETS) - skipped <= set(result)
     assert ("packed_vs_library" in result) == packing_available(torch.device("cpu"), torch.float32)
     chunks = result["setup"]["chunks"]
     assert chunks["measured"] in (16, 32) and chunks["formula"] % 32 == 0  # measured among the two; the formula's
@@ -74,7 +77,34 @@ def test_perf_json_at_reduced_sizes(capsys: pytest.CaptureFixture[str], monkeypa
     assert (prec["images"], prec["population"], prec["served_dtype"]) == (3, 2, setup["dtype"])
     assert setup["dtype_repeats"] == 1
     assert result["met"]["batched_vs_loop"] is None and isinstance(result["met"]["http_vs_inprocess"], bool)
-    assert result["met"]["gemm_bf16_vs_fp32"] is None and set(prec["gemm_kernel_seconds"]) >= {"float32", "bfloat16"}
+    if bf16:
+        assert result["met"]["gemm_bf16_vs_fp32"] is None and set(prec["gemm_kernel_seconds"]) >= {"float32", "bfloat16"}
+    else:
+        assert "emulated" in prec["bf16_skipped"] and "gemm_bf16_vs_fp32" not in result["met"]
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["fp32-only", "bf16-too"])
+def test_bf16_sides_are_timed_only_when_asked(compare: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without fast bf16 the perf run leaves the bf16 ratios out and says why; asked, it times both (a
+    small GEMM here: emulated bf16 runs a 4096x1024x1024 product in seconds)."""
+    monkeypatch.setattr(roofline, "GEMM_SHAPE", (64, 64, 64))
+
+    def timer(a, b, repeats):  # type: ignore[no-untyped-def]
+        a(), b()
+        return 1.0, 0.5
+
+    result = roofline.measure_precision(tiny_random_clip(seed=0), torch.float32, images=2, population=1,
+                                        timer=timer, repeats=1, compare_bf16=compare)
+    assert ("bf16_vs_fp32" in result.ratios) == ("gemm_bf16_vs_fp32" in result.ratios) == compare
+    assert ("bf16_skipped" in result.setup) != compare and result.ratios["roofline_fraction"] > 0
+    assert set(result.setup["gemm_kernel_seconds"]) == ({"float32", "bfloat16"} if compare else {"float32"})
+    seconds = {**dict.fromkeys(["inprocess_joint", "http_joint"], 1.0), **result.seconds}
+    setup = {"model": "m", "device": "cpu", "threads": 1, "population": 2, "micro_population": 6, "images": 4,
+             "classes": 2, "precision": result.setup}
+    report = format_report({"http_vs_inprocess": 1.0, **result.ratios, "setup": setup, "seconds": seconds,
+                            "targets": TARGETS})
+    assert ("bf16_vs_fp32, gemm_bf16_vs_fp32: not measured" in report) != compare
+    assert any(line.startswith("roofline_fraction") for line in report.splitlines())
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["library", "packed"])
