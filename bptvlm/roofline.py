@@ -137,18 +137,19 @@ def measure_precision(
     dtypes = list(dict.fromkeys([*compared, served]))
     # each dtype at the chunk `serve` uses (the formula's, unless given), in the form `serve` uses
     models = {d: PromptedCLIP(copy.deepcopy(loaded), dtype=d, max_batch_images=max_batch_images) for d in dtypes}
-    library = PromptedCLIP(copy.deepcopy(loaded), dtype=served, max_batch_images=max_batch_images, pack=False)
-    lim, rng = library.limits, np.random.default_rng(3)
+    model = models[served]
+    lim, rng = model.limits, np.random.default_rng(3)
     pixels = rng.integers(0, 256, (images, lim.image_size, lim.image_size, 3), dtype=np.uint8)
     prompt = torch.from_numpy((rng.standard_normal((population, PROMPT_TOKENS, lim.vision_width)) * 0.02).astype(np.float32))
     forwards = {d: _forward(m, m.preprocess(pixels), prompt) for d, m in models.items()}
     t: dict[str, float] = {}
     if compare_bf16:
         t["vision_fp32"], t["vision_bf16"] = timer(forwards[torch.float32], forwards[torch.bfloat16], repeats)
-    model = models[served]
     if model.packed:
+        library = PromptedCLIP(copy.deepcopy(loaded), dtype=served, max_batch_images=max_batch_images, pack=False)
         t["vision_library"], t["vision_packed"] = timer(_forward(library, library.preprocess(pixels), prompt),
                                                         forwards[served], repeats)
+        del library
     per_image = vision_flops(model, prompt.shape[1])
     work = per_image * images * population
     products = max(1, round(work / gemm_flops()))
@@ -159,8 +160,6 @@ def measure_precision(
     t["gemm_served"], t["vision_served"] = timer(fastest[served], forwards[served], repeats)
     best = {name: min(s.values()) for name, s in kernels.items()}
     t["gemm_fp32"] = best["float32"]
-    if compare_bf16:
-        t["gemm_bf16"] = best["bfloat16"]
     achieved, limit = work / t["vision_served"], products * gemm_flops() / t["gemm_served"]
     setup = {
         "model": model.model_id,
@@ -177,12 +176,13 @@ def measure_precision(
         "achieved_gflops": achieved / 1e9,
         "gemm_gflops": limit / 1e9,
     }
-    if not compare_bf16:
-        setup["bf16_skipped"] = "this device has no fast bf16 (AVX512-BF16/AMX on a CPU): it would be emulated"
     ratios = {"roofline_fraction": achieved / limit}
     if compare_bf16:
-        ratios = {"bf16_vs_fp32": t["vision_fp32"] / t["vision_bf16"],
-                  "gemm_bf16_vs_fp32": t["gemm_fp32"] / t["gemm_bf16"], **ratios}
+        t["gemm_bf16"] = best["bfloat16"]
+        ratios["bf16_vs_fp32"] = t["vision_fp32"] / t["vision_bf16"]
+        ratios["gemm_bf16_vs_fp32"] = t["gemm_fp32"] / t["gemm_bf16"]
+    else:
+        setup["bf16_skipped"] = "this device has no fast bf16 (AVX512-BF16/AMX on a CPU): it would be emulated"
     if "vision_packed" in t:
         ratios["packed_vs_library"] = t["vision_library"] / t["vision_packed"]
     return PrecisionResult(ratios, t, setup)

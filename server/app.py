@@ -69,8 +69,9 @@ def build_service(settings: Settings, ledger: Ledger | None = None) -> Inference
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     loaded = load_model(settings.model, seed=settings.seed)
-    model = PromptedCLIP(loaded, device=device, dtype=dtype, max_batch_images=settings.max_batch_images,
-                         pack=None if settings.pack_linears else False)
+    # compiled encoders choose their own kernels, so packed weights would only hold memory there
+    pack = None if settings.pack_linears and not settings.compile else False
+    model = PromptedCLIP(loaded, device=device, dtype=dtype, max_batch_images=settings.max_batch_images, pack=pack)
     if settings.max_batch_images is None and settings.measure_chunks and device.type == "cpu":
         measure_batch_images(model)  # before compiling: every size tried would compile
     if settings.compile:

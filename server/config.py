@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         default=True,
         description="on a CPU, hold the encoders' linears in oneDNN's packed form with the MLP activation fused "
         "(server/packed.py; the same function, faster: BENCHMARKS.md 'The CPU form of the encoders'); costs a second "
-        "copy of those weights. False serves the library's modules as they are",
+        "copy of those weights. False serves the library's modules as they are, and so does compile (its own kernels)",
     )
     compile: bool = Field(
         default=False,

@@ -95,7 +95,10 @@ class PromptedCLIP:
         self._text = self.model.text_model
         self._vision = self.model.vision_model
         self.limits = self._compute_limits()
-        self.packed = packing_available(self.device, dtype) if pack is None else pack
+        available = packing_available(self.device, dtype)
+        if pack and not available:
+            raise ValueError(f"no packed oneDNN linear for {dtype} on {self.device}: pass pack=None or False")
+        self.packed = available if pack is None else pack
         if self.packed:
             pack_encoders(self.model, dtype)  # from the float32 weights
         self.model.to(dtype)

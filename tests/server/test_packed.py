@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from bptvlm.server import app as app_module
+from bptvlm.server import model as model_module
 from bptvlm.server import packed
 from bptvlm.server.app import build_service
 from bptvlm.server.config import Settings
@@ -106,10 +108,19 @@ def test_unknown_post_op_is_refused() -> None:
         packed.PackedLinear(torch.zeros(2, 3), None, "tanh")
 
 
-def test_the_server_packs_on_cpu_unless_told_not_to() -> None:
+def test_the_server_packs_on_cpu_unless_told_not_to_or_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
     on = build_service(Settings(model="tiny-random", device="cpu", dtype="float32"))
     off = build_service(Settings(model="tiny-random", device="cpu", dtype="float32", pack_linears=False))
-    assert on.model.packed and not off.model.packed
+    monkeypatch.setattr(app_module, "compile_encoders", lambda model: None)  # the choice, not the compile
+    compiled = build_service(Settings(model="tiny-random", device="cpu", dtype="float32", compile=True))
+    assert on.model.packed and not off.model.packed and not compiled.model.packed
+
+
+def test_packing_asked_for_where_there_is_no_kernel_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_module, "packing_available", lambda device, dtype: False)
+    with pytest.raises(ValueError, match="no packed oneDNN linear"):
+        PromptedCLIP(tiny_random_clip(seed=0), pack=True)
+    assert not PromptedCLIP(tiny_random_clip(seed=0)).packed
 
 
 @pytest.mark.slow
